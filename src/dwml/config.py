@@ -1,0 +1,262 @@
+"""Run configuration: dataclasses with defaults, overridden by TOML files and `--set section.key=value`.
+
+Unknown keys and wrongly typed values fail loudly with the file and the field named, so a typo in a config can never
+silently fall back to a default. The resolved configuration is written as TOML into every run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import DwmlError
+
+METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+
+
+@dataclass
+class DataConfig:
+    prepared: str = "runs/data"  # directory written by `dwml prepare`
+    seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
+    mask_prob: float = 0.15
+    heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # architecture of a single-model run (mlm, kd, sd)
+    # Explicit architecture fields override the preset (0 = keep the preset's value).
+    layers: int = 0
+    heads: int = 0
+    hidden: int = 0
+    intermediate: int = 0
+    # Peers of a multi-model run (dml, dwml, kd_dwml): preset names, or a JSON file written by `dwml search`.
+    peers: list = field(default_factory=list)
+    peers_file: str = ""
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "mlm"
+    max_steps: int = 1000
+    batch_size: int = 32  # sequences per micro-batch (per rank)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 16
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5  # weight of the distillation terms, eq. (2)
+    temperature: float = 1.0
+    outer_every: int = 10  # K: inner steps between outer (omega) steps
+    eta: float = 0.5  # mirror-descent step size, eq. (4)
+    eta_schedule: str = "sqrt"  # constant | sqrt (eta / sqrt(t)) | cosine
+    gamma: float = -1.0  # unroll step of eq. (3); < 0 means "the current learning rate"
+    detach_targets: bool = True  # KL targets z_j are treated as constants (as in DML)
+    learn_omega: bool = True  # False = keep omega fixed (ablation)
+    omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
+    l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
+    hypergrad: str = "double_backward"  # double_backward | per_peer
+    teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
+    teacher_weight: float = 0.5  # kd_dwml: weight of the teacher term
+    sd_layers: list = field(default_factory=list)  # sd: layers with auxiliary heads; empty = all but the last
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> "RunConfig":
+        t, d = self.train, self.distill
+        _check(t.method in METHODS, f"train.method: unknown method {t.method!r}; expected one of {list(METHODS)}")
+        _check(0.0 <= d.alpha <= 1.0, f"distill.alpha: expected a value in [0, 1], got {d.alpha}")
+        _check(d.outer_every >= 1, f"distill.outer_every (K): expected an integer >= 1, got {d.outer_every}")
+        _check(d.temperature > 0, f"distill.temperature: expected > 0, got {d.temperature}")
+        _check(d.eta > 0, f"distill.eta: expected > 0, got {d.eta}")
+        _check(d.eta_schedule in ("constant", "sqrt", "cosine"),
+               f"distill.eta_schedule: expected constant|sqrt|cosine, got {d.eta_schedule!r}")
+        _check(d.l2 in ("ensemble", "sum"), f"distill.l2: expected ensemble|sum, got {d.l2!r}")
+        _check(d.hypergrad in ("double_backward", "per_peer"),
+               f"distill.hypergrad: expected double_backward|per_peer, got {d.hypergrad!r}")
+        _check(0.0 <= d.teacher_weight <= 1.0, f"distill.teacher_weight: expected [0, 1], got {d.teacher_weight}")
+        _check(t.max_steps >= 1, f"train.max_steps: expected >= 1, got {t.max_steps}")
+        _check(t.batch_size >= 1, f"train.batch_size: expected >= 1, got {t.batch_size}")
+        _check(t.grad_accum >= 1, f"train.grad_accum: expected >= 1, got {t.grad_accum}")
+        _check(t.lr > 0, f"train.lr: expected > 0, got {t.lr}")
+        _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
+        _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
+        _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
+        _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        if t.method in ("kd", "kd_dwml"):
+            _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
+        for w in d.omega:
+            _check(isinstance(w, (int, float)) and w > 0, f"distill.omega: expected positive numbers, got {d.omega}")
+        return self
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise DwmlError(message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Strict dataclass <- mapping conversion
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool):
+        return isinstance(value, tp)
+    if tp is list or origin is list:
+        return isinstance(value, list)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    return True
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise DwmlError naming `where`.key."""
+    if not isinstance(data, Mapping):
+        raise DwmlError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DwmlError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{where}.{name}" if where else name)
+            continue
+        if not _type_ok(value, tp):
+            expected = getattr(tp, "__name__", str(tp))
+            raise DwmlError(f"{where}.{name}: expected {expected}, got {value!r}")
+        kwargs[name] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def merge(base: dict, override: Mapping[str, Any]) -> dict:
+    """Recursive dict merge (override wins), used to layer several config files."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DwmlError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DwmlError(f"{path}: invalid TOML ({e})") from None
+
+
+def parse_set(expr: str) -> dict:
+    """`section.key=value` -> nested dict; value parsed as TOML (numbers, booleans, lists, strings)."""
+    if "=" not in expr:
+        raise DwmlError(f"--set {expr!r}: expected section.key=value")
+    key, raw = expr.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    paths: list[str | Path] | None = None, sets: list[str] | None = None, cls: type = RunConfig
+) -> Any:
+    """Defaults <- each TOML file in order <- each `--set` override; validated."""
+    data: dict = {}
+    where = "config"
+    for p in paths or []:
+        data = merge(data, read_toml(p))
+        where = str(p)
+    for s in sets or []:
+        data = merge(data, parse_set(s))
+    cfg = from_dict(cls, data, where)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TOML output (the subset our configs use: scalars, lists, nested tables)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(v, "nan")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(obj: Any) -> str:
+    """Serialise a (nested) dataclass or dict; `read_toml(to_toml(cfg))` round-trips."""
+    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping]] = []
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        for k, v in table.items():
+            lines.append(f"{k} = {toml_value(v)}")
+    return "\n".join(lines) + "\n"

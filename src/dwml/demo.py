@@ -1,0 +1,113 @@
+"""`dwml demo`: the main job on the bundled default data, end to end on a CPU in a few minutes.
+
+prepare the corpus -> tokenizer + shards; train a tiny MLM baseline; search tiny peer architectures and train them
+with DWML for the same compute; evaluate everything zero-shot on the fast BLiMP / supplement / EWoK subsets; print a
+results summary. Every stage writes into one directory and is skipped when its output already exists, so a second
+`dwml demo` (or one resumed after Ctrl-C) reuses finished stages.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import RunConfig, from_dict, merge
+from .errors import DwmlError
+
+# The demo's recipe, kept small enough for a 2-core CPU: a ~1.4M-parameter tiny model, 64-token sequences.
+DEMO_CONFIG = {
+    "data": {"seq_len": 64, "heldout_sequences": 128},
+    "model": {"preset": "tiny", "dropout": 0.1},
+    "train": {"max_steps": 300, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "eval_every": 100,
+              "eval_batches": 8, "save_every": 100, "log_every": 10, "seed": 0},
+    "distill": {"alpha": 0.5, "outer_every": 10, "eta": 0.5},
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: prepare data, train MLM and DWML tiny models, evaluate (CPU, minutes)")
+    p.add_argument("--corpus", nargs="*", default=None,
+                   help="input text directories/files (default: ../shared/data/corpus)")
+    p.add_argument("--out", default="runs/demo", help="demo directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=DEMO_CONFIG["train"]["max_steps"], help="training steps per run")
+    p.add_argument("--peers", type=int, default=3, help="number of DWML peers (>= 2)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (quick runs)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="pairs per evaluation file (default: the whole fast subsets)")
+    p.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation")
+    p.set_defaults(func=run_demo)
+
+
+def demo_run_config(out_dir: Path, prepared: Path, steps: int, **sections) -> RunConfig:
+    data = merge(DEMO_CONFIG, {"out_dir": str(out_dir), "data": {"prepared": str(prepared)},
+                               "train": {"max_steps": steps}})
+    return from_dict(RunConfig, merge(data, sections), "demo").validate()
+
+
+def run_demo(args) -> int:
+    from .model import count_params, get_preset
+    from .prepare import default_corpus_path, prepare
+    from .search import SearchConfig, run_search_to_file
+    from .train import train
+    from .trainer_cli import format_summary
+
+    if args.peers < 2:
+        raise DwmlError(f"--peers: DWML needs at least 2 peers, got {args.peers}")
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    prepared = out / "data"
+    inputs = args.corpus or [default_corpus_path()]
+    print(f"[1/5] prepare {', '.join(map(str, inputs))} -> {prepared}")
+    if (prepared / "meta.json").is_file():
+        print("      (reusing the prepared data)")
+    else:
+        prepare(inputs, prepared, vocab_size=args.vocab_size, max_docs=args.max_docs)
+    meta = json.loads((prepared / "meta.json").read_text())
+    vocab = int(meta["vocab_size"])
+
+    # Peers: Bayesian-optimisation search for p architectures of N/2, N/3, ... the tiny preset's parameters.
+    print(f"[2/5] search {args.peers} peer architectures below the tiny preset")
+    peers_file = out / "peers.json"
+    reference = get_preset("tiny").replace(vocab_size=vocab, max_positions=DEMO_CONFIG["data"]["seq_len"] + 2)
+    if not peers_file.is_file():
+        run_search_to_file(SearchConfig(peers=args.peers, seed=0), peers_file, reference=reference, quiet=False)
+    peer_params = [p["params"] for p in json.loads(peers_file.read_text())["peers"]]
+
+    # Same compute: the MLM baseline trains one tiny model for as many parameter-tokens as all peers together.
+    mlm_steps = max(1, round(args.steps * sum(peer_params) / count_params(reference)))
+    print(f"[3/5] train the tiny MLM baseline ({count_params(reference):,} params, {mlm_steps} steps)")
+    mlm_cfg = demo_run_config(out / "mlm", prepared, mlm_steps, train={"method": "mlm"})
+    mlm = train(mlm_cfg)
+    print(format_summary(mlm))
+
+    print(f"[4/5] train {args.peers} peers with DWML ({args.steps} steps, same compute)")
+    dwml_cfg = demo_run_config(out / "dwml", prepared, args.steps,
+                               train={"method": "dwml"}, model={"peers_file": str(peers_file)})
+    dwml = train(dwml_cfg)
+    print(format_summary(dwml))
+    omega_log = [json.loads(line) for line in (out / "dwml" / "metrics.jsonl").read_text().splitlines()]
+    traj = [r["omega"] for r in omega_log if "outer_step" in r]
+    if traj:
+        print("omega trajectory (every outer step, first/middle/last): "
+              + "  ".join("[" + ", ".join(f"{w:.3f}" for w in traj[i]) + "]"
+                          for i in sorted({0, len(traj) // 2, len(traj) - 1})))
+
+    scores = {}
+    if not args.no_eval:
+        from .evaluate import evaluate_path, format_results
+
+        print("[5/5] zero-shot evaluation on blimp_fast, supplement_fast, ewok_fast")
+        tasks = ["blimp_fast", "supplement_fast", "ewok_fast"]
+        for name in ("mlm", "dwml"):
+            res = evaluate_path(out / name, tasks, limit=args.eval_limit, out_file=out / f"eval_{name}.json")
+            scores[name] = res
+            print(format_results(res))
+
+    print()
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {out}/")
+    print(f"  MLM baseline valid loss: {mlm['initial_valid_loss'][0]:.3f} (init) -> {mlm['peers'][0]['valid_loss']:.3f}")
+    for p, init in zip(dwml["peers"], dwml["initial_valid_loss"] or [float('nan')] * len(dwml["peers"])):
+        print(f"  DWML {p['name']:<6} ({p['params']:>9,} params) valid loss: {init:.3f} (init) -> {p['valid_loss']:.3f}")
+    print("  final omega: [" + ", ".join(f"{w:.3f}" for w in dwml["omega"]) + "]")
+    return 0

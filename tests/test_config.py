@@ -1,0 +1,48 @@
+import pytest
+
+from dwml.config import RunConfig, load_config, read_toml, to_toml
+from dwml.errors import DwmlError
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "a.toml"
+    f.write_text('out_dir = "x"\n[train]\nmax_steps = 7\nlr = 1\n[distill]\nalpha = 0.3\n')
+    cfg = load_config([f], ["train.batch_size=4", "train.method=dwml", "model.peers=['tiny', 'tiny']"])
+    assert cfg.out_dir == "x" and cfg.train.max_steps == 7 and cfg.train.batch_size == 4
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.train.method == "dwml" and cfg.distill.alpha == 0.3 and cfg.model.peers == ["tiny", "tiny"]
+    assert cfg.data.seq_len == RunConfig().data.seq_len
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = load_config(None, ["model.peers=[{layers=1, heads=2, hidden=8, intermediate=16}, 'tiny']",
+                             'out_dir="a \\"quoted\\" dir"'])
+    f = tmp_path / "resolved.toml"
+    f.write_text(to_toml(cfg))
+    again = load_config([f])
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[train]\nmax_stepz = 3\n", r"unknown key\(s\) \['max_stepz'\]"),
+        ("[trian]\nmax_steps = 3\n", r"unknown key\(s\) \['trian'\]"),
+        ("[train]\nmax_steps = 'many'\n", r"train.max_steps: expected int"),
+        ("[distill]\nalpha = 1.5\n", r"distill.alpha: expected a value in \[0, 1\]"),
+        ("[distill]\nouter_every = 0\n", r"outer_every \(K\)"),
+        ("[train]\nmethod = 'magic'\n", r"unknown method 'magic'"),
+        ("[train]\nmethod = 'kd'\n", r"needs a teacher"),
+        ("[train\n", r"invalid TOML"),
+    ],
+)
+def test_bad_configs_fail_loudly(tmp_path, text, match):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(DwmlError, match=match):
+        load_config([f])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(DwmlError, match="config file not found"):
+        read_toml(tmp_path / "nope.toml")
