@@ -16,7 +16,6 @@ SUBCOMMAND_MODULES = (
     "dwml.trainer_cli",
     "dwml.evaluate",
     "dwml.finetune",
-    "dwml.experiment",
     "dwml.export",
 )
 

@@ -76,13 +76,15 @@ class DistillConfig:
     temperature: float = 1.0
     outer_every: int = 10  # K: inner steps between outer (omega) steps
     eta: float = 0.5  # mirror-descent step size, eq. (4)
-    eta_schedule: str = "sqrt"  # constant | sqrt (eta / sqrt(t)) | cosine
+    eta_schedule: str = "inv_sqrt"  # constant | inv_sqrt (eta / sqrt(t)) | cosine (to eta_min at the last step)
+    eta_min: float = 0.0
+    omega_floor: float = 0.01  # no peer weight drops below this (multiplicative updates cannot revive a zero)
     gamma: float = -1.0  # unroll step of eq. (3); < 0 means "the current learning rate"
     detach_targets: bool = True  # KL targets z_j are treated as constants (as in DML)
     learn_omega: bool = True  # False = keep omega fixed (ablation)
     omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
     l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
-    hypergrad: str = "double_backward"  # double_backward | per_peer
+    hypergrad: str = "per_peer"  # exact mixed term of eq. (3): per_peer | double_backward | jvp
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
     teacher_weight: float = 0.5  # kd_dwml: weight of the teacher term
     sd_layers: list = field(default_factory=list)  # sd: layers with auxiliary heads; empty = all but the last
@@ -103,11 +105,13 @@ class RunConfig:
         _check(d.outer_every >= 1, f"distill.outer_every (K): expected an integer >= 1, got {d.outer_every}")
         _check(d.temperature > 0, f"distill.temperature: expected > 0, got {d.temperature}")
         _check(d.eta > 0, f"distill.eta: expected > 0, got {d.eta}")
-        _check(d.eta_schedule in ("constant", "sqrt", "cosine"),
-               f"distill.eta_schedule: expected constant|sqrt|cosine, got {d.eta_schedule!r}")
+        _check(d.eta_schedule in ("constant", "inv_sqrt", "cosine"),
+               f"distill.eta_schedule: expected constant|inv_sqrt|cosine, got {d.eta_schedule!r}")
+        _check(0.0 <= d.eta_min <= d.eta, f"distill.eta_min: expected [0, eta], got {d.eta_min}")
+        _check(0.0 <= d.omega_floor < 1.0, f"distill.omega_floor: expected [0, 1), got {d.omega_floor}")
         _check(d.l2 in ("ensemble", "sum"), f"distill.l2: expected ensemble|sum, got {d.l2!r}")
-        _check(d.hypergrad in ("double_backward", "per_peer"),
-               f"distill.hypergrad: expected double_backward|per_peer, got {d.hypergrad!r}")
+        _check(d.hypergrad in ("per_peer", "double_backward", "jvp"),
+               f"distill.hypergrad: expected per_peer|double_backward|jvp, got {d.hypergrad!r}")
         _check(0.0 <= d.teacher_weight <= 1.0, f"distill.teacher_weight: expected [0, 1], got {d.teacher_weight}")
         _check(t.max_steps >= 1, f"train.max_steps: expected >= 1, got {t.max_steps}")
         _check(t.batch_size >= 1, f"train.batch_size: expected >= 1, got {t.batch_size}")

@@ -41,15 +41,15 @@ def loss_kd(outputs, labels, omega, teacher_logits, d):
 def loss_sd(outputs, labels, omega, teacher_logits, d):
     """Zhang et al. 2019 ("Be your own teacher"): shallow auxiliary heads learn from labels and the deepest head."""
     (logits, aux), = outputs
-    loss = sd_loss(aux, logits, labels, d.alpha, d.temperature)
-    return loss, {"ce": [mlm_loss(logits, labels).item()]}
+    loss, parts = sd_loss(aux, logits, labels, d.alpha, d.temperature)
+    return loss, {"ce": [parts["final_ce"].item()], "aux_ce": parts["aux_ce"].tolist()}
 
 
 def _peer_loss(outputs, labels, omega, d):
     total, parts = dwml_loss(
         [logits for logits, _ in outputs], labels, omega, d.alpha, d.temperature, d.detach_targets
     )
-    return total, {"ce": [float(c) for c in parts["ce"]]}
+    return total, {"ce": parts["ce"].tolist()}
 
 
 def loss_dml(outputs, labels, omega, teacher_logits, d):
@@ -66,10 +66,9 @@ def loss_kd_dwml(outputs, labels, omega, teacher_logits, d):
     """DWML plus the teacher's soft targets as an extra supervisor of every peer."""
     total, parts = kd_dwml_loss(
         [logits for logits, _ in outputs], teacher_logits, labels, omega,
-        alpha=d.alpha, temperature=d.temperature, teacher_weight=d.teacher_weight,
-        detach_targets=d.detach_targets,
+        alpha=d.alpha, beta=d.teacher_weight, temperature=d.temperature, detach_targets=d.detach_targets,
     )
-    return total, {"ce": [float(c) for c in parts["ce"]]}
+    return total, {"ce": parts["ce"].tolist()}
 
 
 METHOD_LOSSES: dict[str, LossFn] = {

@@ -160,8 +160,8 @@ class Student(torch.nn.Module):
     """One trainable network of a run: a RoBERTa MLM plus, for self-distillation, auxiliary heads.
 
     Wrapping the masked-position forward in a module (rather than calling `masked_logits` on the bare HF model) lets
-    DDP see the forward pass, so gradients are all-reduced as usual; `aux` (if any) maps the tuple of hidden states and
-    the masked positions to a list of auxiliary logits.
+    DDP see the forward pass, so gradients are all-reduced as usual; `aux` (if any) is a
+    `dwml.selfdistill.SelfDistillHeads` whose heads read the shallower layers' hidden states.
     """
 
     def __init__(self, mlm: RobertaForMaskedLM, aux: torch.nn.Module | None = None):
@@ -173,7 +173,6 @@ class Student(torch.nn.Module):
         """Returns (logits at masked positions (N, V), list of auxiliary logits (empty without aux heads))."""
         if self.aux is None:
             return masked_logits(self.mlm, input_ids, attention_mask, positions), []
-        logits, hidden_states = masked_logits(
-            self.mlm, input_ids, attention_mask, positions, return_hidden_states=True
-        )
-        return logits, self.aux(hidden_states, positions)
+        from .selfdistill import sd_logits
+
+        return sd_logits(self.mlm, self.aux, input_ids, attention_mask, positions)

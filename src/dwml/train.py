@@ -25,7 +25,7 @@ from . import config as config_mod
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
-from .hypergrad import OmegaState, hypergradient
+from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
 from .masking import BatchStream
@@ -198,18 +198,26 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
 # The run
 
 
-def train(cfg: RunConfig, resume: bool = True) -> dict:
-    """Train according to `cfg` into `cfg.out_dir`; returns the final summary (also written to final/summary.json)."""
+class Interrupted(Exception):
+    """Raised by `train(..., stop_after=N)`: simulates a run killed right after step N (its checkpoint written)."""
+
+
+def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Train according to `cfg` into `cfg.out_dir`; returns the final summary (also written to final/summary.json).
+
+    `stop_after` (tests) stops the run after that step as if it had been killed there; `save_every` must divide it
+    for the run to be resumable without repeating steps.
+    """
     cfg.validate()
-    t, d = cfg.train, cfg.distill
+    t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume)
+        return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
 
-def _train(cfg: RunConfig, rt: Runtime, resume: bool) -> dict:
+def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
     t, d, method = cfg.train, cfg.distill, cfg.train.method
     run_dir = Path(cfg.out_dir)
     prepared = Path(cfg.data.prepared)
@@ -224,15 +232,18 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool) -> dict:
     students = []
     for i, (_, arch) in enumerate(archs):
         mlm = build_model(arch, seed=t.seed * 1000 + i, **dropout)
-        aux = SelfDistillHeads(mlm, layers=d.sd_layers or None) if method == "sd" else None
+        aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
         students.append(Student(mlm, aux).to(rt.device))
     teacher = load_teacher(d.teacher, tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
     optimizers = [make_optimizer(s, t) for s in students]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in optimizers]
     if d.omega and len(d.omega) != n_students:
         raise DwmlError(f"distill.omega: {len(d.omega)} weights given for {n_students} students")
-    omega = OmegaState(n_students, init=d.omega or None, eta=d.eta, schedule=d.eta_schedule,
-                       total_outer_steps=max(1, t.max_steps // d.outer_every))
+    # Initial omega: as given (normalised onto the simplex) or uniform; dml always keeps it uniform (1/M).
+    omega = OmegaState(torch.tensor(d.omega, dtype=torch.float64) / sum(d.omega)) if d.omega and method != "dml" \
+        else OmegaState.uniform(n_students)
+    mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
+                                 total_steps=max(1, t.max_steps // d.outer_every))
     learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
     batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=learn_omega)
 
@@ -369,15 +380,15 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool) -> dict:
             held = next(batches.heldout).to(rt.device)
             gamma = lr_now if d.gamma < 0 else d.gamma
             g, info = hypergradient(
-                [s for s in students], batch, held, omega.omega.to(rt.device),
+                students, batch, held, omega.omega.to(rt.device),
                 alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
-                l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, autocast=rt.autocast,
+                l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward,
             )
             if rt.ddp:  # every rank must take the same omega step: average the hypergradients
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 g /= rt.world_size
-            omega.step(g.detach().cpu())
-            record.update(outer_step=omega.step_count, omega=omega.omega.tolist(), hypergrad=g.tolist(),
+            omega.update(g, mirror)
+            record.update(outer_step=omega.step, omega=omega.omega.tolist(), hypergrad=g.tolist(),
                           l2=float(info.get("l2", float("nan"))))
 
         if step % t.log_every == 0 or record or step == t.max_steps:
@@ -399,6 +410,9 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool) -> dict:
         if step % t.save_every == 0 or step == t.max_steps:
             save(step)
         bar.update(1)
+        if stop_after is not None and step >= stop_after and step < t.max_steps:
+            bar.close()
+            raise Interrupted(f"stopped after step {step}")
     bar.close()
 
     summary = {}
@@ -439,7 +453,9 @@ def _gather_rng(rt: Runtime):
 def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
     """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     with atomic_dir(run_dir / "final") as tmp:
         for i, s in enumerate(students):

@@ -1,0 +1,276 @@
+"""`dwml eval`: zero-shot minimal-pair accuracy (BLiMP, BLiMP supplement, EWoK) of a model, or of every peer and the
+omega-weighted ensemble of a DWML run.
+
+A pair is correct only when the good text scores *strictly* higher than the bad one. Ties count as wrong and are
+reported: BabyLM's pipeline takes the argmax, which resolves a tie in favour of the good sentence (listed first), so
+a degenerate model that scores everything alike would look perfect there.
+
+Reported numbers follow BabyLM: accuracy of every group (BLiMP paradigm `UID`, supplement task, EWoK domain), and the
+task's headline number is the macro average over groups. BLiMP fields are pooled over their pairs (micro), as in the
+pipeline. All accuracies are percentages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import DwmlError
+from .evaldata import MinimalPair, TASKS, default_data_dir, load_task, parse_tasks
+from .io import write_json
+from .scoring import METHODS, PeerEnsemble, score_sentences
+
+DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"
+
+
+# ------------------------------------------------------------------------------------------------ scoring of pairs
+
+
+def score_pairs(model, tokenizer, pairs: Sequence[MinimalPair], *, method: str = "pll",
+                token_budget: int | None = None, device=None) -> tuple[list[float], list[float]]:
+    """(good scores, bad scores): both sides of all pairs go through the batched scorer in one call."""
+    sentences = [p.good for p in pairs] + [p.bad for p in pairs]
+    prefixes = [p.good_prefix for p in pairs] + [p.bad_prefix for p in pairs]
+    has_prefix = any(x is not None for x in prefixes)
+    scores = score_sentences(model, tokenizer, sentences, method=method, prefixes=prefixes if has_prefix else None,
+                             token_budget=token_budget, device=device)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+def _counts(outcomes: list[tuple[bool, bool]]) -> dict:
+    n = len(outcomes)
+    correct = sum(c for c, _ in outcomes)
+    return {"n": n, "correct": correct, "ties": sum(t for _, t in outcomes),
+            "accuracy": 100.0 * correct / n if n else float("nan")}
+
+
+def summarize(pairs: Sequence[MinimalPair], good: Sequence[float], bad: Sequence[float]) -> dict:
+    """Per-group, per-field and overall counts; `macro_accuracy` (mean over groups) is the task's headline number."""
+    by_group: dict[str, list] = defaultdict(list)
+    by_field: dict[str, list] = defaultdict(list)
+    outcomes = []
+    for pair, g, b in zip(pairs, good, bad):
+        outcome = (g > b, g == b)  # strictly higher wins; a tie is wrong
+        outcomes.append(outcome)
+        by_group[pair.group].append(outcome)
+        by_field[pair.field].append(outcome)
+    groups = {name: _counts(v) for name, v in sorted(by_group.items())}
+    result = _counts(outcomes)
+    result["macro_accuracy"] = sum(g["accuracy"] for g in groups.values()) / len(groups)
+    result["groups"] = groups
+    if len(by_field) > 1:
+        result["fields"] = {name: _counts(v) for name, v in sorted(by_field.items())}
+    return result
+
+
+def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll", token_budget: int | None = None,
+                   device=None, limit: int | None = None, data_dir=None,
+                   task_pairs: dict[str, list[MinimalPair]] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """{task: summarize(...)} for one model (or PeerEnsemble)."""
+    out = {}
+    for task in tasks:
+        pairs = task_pairs[task] if task_pairs is not None else load_task(task, data_dir, limit)
+        start = time.perf_counter()
+        good, bad = score_pairs(model, tokenizer, pairs, method=method, token_budget=token_budget, device=device)
+        out[task] = summarize(pairs, good, bad)
+        out[task]["seconds"] = round(time.perf_counter() - start, 3)
+        if log:
+            r = out[task]
+            log(f"  {task}: {r['macro_accuracy']:.2f}% macro, {r['ties']} ties, {r['n']} pairs, {r['seconds']:.1f}s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ models on disk
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DwmlError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DwmlError("--device: CUDA requested but no GPU is available")
+    return device
+
+
+def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a Hugging Face folder, model in eval mode on `device`."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DwmlError(f"{path}: not a model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForMaskedLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DwmlError(f"{path}: cannot load masked LM or tokenizer ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def find_models(path: str | Path) -> tuple[list[tuple[str, Path]], list[float] | None]:
+    """[(name, model dir)] and omega (None for a plain model folder).
+
+    Accepts a DWML run (RUN/final/summary.json + RUN/final/peer*/), its `final/` folder, or a Hugging Face folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DwmlError(f"{path}: no such run or model folder")
+    final = path / "final" if (path / "final" / "summary.json").is_file() else path
+    summary_file = final / "summary.json"
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DwmlError(f"{summary_file}: invalid JSON ({e.msg})") from None
+        omega = summary.get("omega")
+        if not isinstance(omega, list) or not omega or not all(isinstance(w, (int, float)) for w in omega):
+            raise DwmlError(f"{summary_file}: field 'omega' must be a non-empty list of numbers")
+        peers = [(f"peer{i}", final / f"peer{i}") for i in range(len(omega))]
+        missing = [str(d) for _, d in peers if not (d / "config.json").is_file()]
+        if missing:
+            raise DwmlError(f"{summary_file}: {len(omega)} omega weights but missing peer folder(s) {missing}")
+        return peers, [float(w) for w in omega]
+    if (path / "config.json").is_file():
+        return [(path.name or "model", path)], None
+    raise DwmlError(f"{path}: expected a DWML run (final/summary.json) or a Hugging Face model folder (config.json)")
+
+
+def _check_same_vocab(tokenizers: list[tuple[str, object]]) -> None:
+    (name0, tok0), rest = tokenizers[0], tokenizers[1:]
+    vocab0 = tok0.get_vocab()
+    for name, tok in rest:
+        if tok.get_vocab() != vocab0:
+            raise DwmlError(f"ensemble: {name}'s tokenizer differs from {name0}'s; peers must share one vocabulary")
+
+
+def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, *, method: str = "pll",
+                  token_budget: int | None = None, device: str | torch.device | None = "auto",
+                  limit: int | None = None, data_dir: str | Path | None = None, ensemble: bool = True,
+                  out_file: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate a model folder, or every peer and the omega-weighted ensemble of a DWML run.
+
+    `out_file` also writes the result there as JSON (atomically).
+
+    Returns {"path", "kind": "model"|"run", "method", "tasks", "limit", "device", "omega",
+             "models": {name: {"tasks": {task: summarize(...)}, "summary": {task: macro %}, "seconds"}}}.
+    """
+    if method not in METHODS:
+        raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
+    task_names = parse_tasks(tasks)
+    dev = resolve_device(device)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    task_pairs = {t: load_task(t, data_dir, limit) for t in task_names}  # read once, shared by all models
+    entries, omega = find_models(path)
+    result = {"path": str(path), "kind": "run" if omega is not None else "model", "method": method,
+              "tasks": task_names, "limit": limit, "data_dir": str(data_dir), "device": str(dev),
+              "token_budget": token_budget, "omega": omega, "models": {}}
+
+    def run(name, model, tokenizer):
+        if log:
+            log(f"{name}:")
+        start = time.perf_counter()
+        res = evaluate_model(model, tokenizer, task_names, method=method, token_budget=token_budget, device=dev,
+                             task_pairs=task_pairs, log=log)
+        result["models"][name] = {"tasks": res, "summary": {t: r["macro_accuracy"] for t, r in res.items()},
+                                  "seconds": round(time.perf_counter() - start, 3)}
+
+    loaded = [(name, *load_masked_lm(folder, dev)) for name, folder in entries]
+    with_ensemble = ensemble and omega is not None and len(loaded) > 1
+    if with_ensemble:  # fail before any scoring
+        _check_same_vocab([(n, t) for n, _, t in loaded])
+    for name, model, tokenizer in loaded:
+        run(name, model, tokenizer)
+    if with_ensemble:
+        run("ensemble", PeerEnsemble([m for _, m, _ in loaded], omega), loaded[0][2])
+    if out_file is not None:
+        write_json(out_file, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def format_report(result: dict, groups: bool = True) -> str:
+    """Plain-text tables: macro accuracy per model and task (+ ties), then per group / field for every task."""
+    models = list(result["models"])
+    tasks = result["tasks"]
+    out = [f"{result['path']}  method={result['method']}  limit={result['limit']}  "
+           "(accuracy %, ties count wrong; task score = macro average over groups)"]
+    rows = []
+    for m in models:
+        res = result["models"][m]["tasks"]
+        macro = [res[t]["macro_accuracy"] for t in tasks]
+        rows.append([m] + [f"{a:.2f}" for a in macro] + [f"{sum(macro) / len(macro):.2f}"]
+                    + [str(sum(res[t]["ties"] for t in tasks))])
+    out += ["", _table(["model"] + tasks + ["mean", "ties"], rows)]
+    if groups:
+        for t in tasks:
+            first = result["models"][models[0]]["tasks"][t]
+            sections = [("groups", sorted(first["groups"]))]
+            if "fields" in first:
+                sections.append(("fields", sorted(first["fields"])))
+            rows = []
+            for key, names in sections:
+                for name in names:
+                    rows.append([name if key == "groups" else f"[{name}]"]
+                                + [f"{result['models'][m]['tasks'][t][key][name]['accuracy']:.2f}" for m in models])
+            rows.append(["MACRO"] + [f"{result['models'][m]['tasks'][t]['macro_accuracy']:.2f}" for m in models])
+            rows.append(["micro"] + [f"{result['models'][m]['tasks'][t]['accuracy']:.2f}" for m in models])
+            rows.append(["ties / pairs"] + [f"{result['models'][m]['tasks'][t]['ties']}/{first['n']}" for m in models])
+            out += ["", f"== {t}", _table(["group"] + models, rows)]
+    return "\n".join(out)
+
+
+format_results = format_report  # the name dwml.demo imports
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="zero-shot BLiMP / supplement / EWoK accuracy of a model or of a DWML run's peers + ensemble",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="DWML run folder (RUN/ or RUN/final/) or a Hugging Face masked-LM folder")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, from {sorted(TASKS)} "
+                   f"(default: {DEFAULT_TASKS})")
+    p.add_argument("--method", choices=METHODS, default="pll",
+                   help="pll (Salazar et al. 2020) or pll_word_l2r (Kauf & Ivanova 2023)")
+    p.add_argument("--out", default=None, help="write the full results as JSON here")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="tokens (rows x padded length) per forward batch (default 8192 on CPU, 65536 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--limit", type=int, default=None, help="first N pairs of every file (quick runs)")
+    p.add_argument("--data-dir", default=None, help="eval data root (default: ../shared/data/eval or $DWML_EVAL_DATA)")
+    p.add_argument("--no-ensemble", action="store_true", help="for a run: evaluate the peers only")
+    p.add_argument("--no-groups", action="store_true", help="print only the summary table")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    result = evaluate_path(args.path, args.tasks, method=args.method, token_budget=args.token_budget,
+                           device=args.device, limit=args.limit, data_dir=args.data_dir, ensemble=not args.no_ensemble,
+                           out_file=args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(result, groups=not args.no_groups))
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return 0

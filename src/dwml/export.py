@@ -1,0 +1,112 @@
+"""`dwml export RUN --peer i`: a self-contained Hugging Face model folder with a model card.
+
+The folder holds config.json, model.safetensors, the tokenizer files and README.md (architecture, method, training
+data, validation loss and any zero-shot / GLUE scores found next to the run), and nothing that needs dwml to load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DwmlError
+from .io import atomic_dir, write_text
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DwmlError(f"{path}: unreadable JSON ({e})") from None
+
+
+def find_scores(run_dir: Path, peer: int) -> dict:
+    """Scores of this peer from eval/finetune JSON files in the run directory (written by experiment/eval)."""
+    found: dict = {}
+    for f in sorted(run_dir.glob("eval*.json")) + sorted(run_dir.glob("finetune*.json")):
+        data = _read_json(f)
+        models = data.get("models", {}) if isinstance(data, dict) else {}
+        entry = models.get(f"peer{peer}")
+        if isinstance(entry, dict):
+            found[f.stem] = entry.get("summary", entry)
+    return found
+
+
+def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
+    p = summary["peers"][peer]
+    a = p["arch"]
+    omega = summary.get("omega") or []
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: fill-mask",
+        "tags: [babylm, masked-lm, roberta, knowledge-distillation, dwml]",
+        "---",
+        f"# {run_dir.name} / peer {peer} ({p['name']})",
+        "",
+        "RoBERTa-style masked language model trained with "
+        f"**{summary['method']}** by [dwml](https://arxiv.org/abs/2411.16487)-style teacher-less distillation.",
+        "",
+        "## Architecture",
+        f"- layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
+        f"intermediate {a['intermediate']}, vocabulary {a['vocab_size']}, positions {a['max_positions']}",
+        f"- parameters: {p['params']:,}",
+        "",
+        "## Training",
+        f"- method: {summary['method']}, steps: {summary.get('steps')}",
+    ]
+    if len(omega) > 1:
+        lines.append(f"- peer weight omega: {omega[peer]:.4f} (all peers: "
+                     + ", ".join(f"{w:.4f}" for w in omega) + ")")
+    data = summary.get("data")
+    if data:
+        lines.append(f"- data: {data}")
+    lines += ["", "## Scores", f"- validation MLM loss: {p['valid_loss']:.4f}"]
+    for name, s in scores.items():
+        lines.append(f"- {name}: `{json.dumps(s, sort_keys=True)}`")
+    lines += [
+        "",
+        "## Use",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        'model = AutoModelForMaskedLM.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    summary_path = run_dir / "final" / "summary.json"
+    if not summary_path.is_file():
+        raise DwmlError(f"{run_dir}: not a finished dwml run (no final/summary.json)")
+    summary = _read_json(summary_path)
+    n = len(summary.get("peers", []))
+    if not 0 <= peer < n:
+        raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
+    src = run_dir / "final" / f"peer{peer}"
+    model = AutoModelForMaskedLM.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
+    return out_dir
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write one peer of a run as a self-contained Hugging Face model folder")
+    p.add_argument("run", help="run directory (with final/summary.json)")
+    p.add_argument("--peer", type=int, default=0, help="peer index (default 0)")
+    p.add_argument("--out", help="output folder (default RUN/export/peerI)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "export" / f"peer{args.peer}"
+    export_peer(args.run, args.peer, out)
+    print(f"exported peer {args.peer} of {args.run} -> {out}")
+    return 0

@@ -1,0 +1,149 @@
+"""The training loop on real (tiny) data: learning, exact resume, every method, DML/MLM equivalence, bad input."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from dwml.cli import main
+from dwml.config import from_dict, merge, RunConfig
+from dwml.errors import DwmlError
+from dwml.train import Interrupted, train
+
+PEERS = [{"layers": 1, "heads": 2, "hidden": 32, "intermediate": 64},
+         {"layers": 2, "heads": 2, "hidden": 24, "intermediate": 48}]
+
+
+def make_cfg(prepared, out, **sections) -> RunConfig:
+    base = {
+        "out_dir": str(out),
+        "data": {"prepared": str(prepared), "seq_len": 32, "heldout_sequences": 16},
+        "model": {"preset": "tiny", "layers": 1, "hidden": 32, "heads": 2, "intermediate": 64},
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
+                  "eval_batches": 2, "save_every": 6, "log_every": 3, "progress": False, "seed": 3},
+        "distill": {"outer_every": 3},
+    }
+    return from_dict(RunConfig, merge(base, sections), "test").validate()
+
+
+def _final_weights(run_dir, peer=0):
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "final" / f"peer{peer}")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_mlm_learns_and_exports_hf_model(tiny_prepared, tmp_path):
+    cfg = make_cfg(tiny_prepared, tmp_path / "run", train={"max_steps": 30, "eval_every": 30, "save_every": 30})
+    summary = train(cfg)
+    assert summary["peers"][0]["valid_loss"] < summary["initial_valid_loss"][0] - 0.3
+    run = tmp_path / "run"
+    assert (run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("tokens_per_s" in r for r in records) and records[0]["step"] == 0
+    model = AutoModelForMaskedLM.from_pretrained(run / "final" / "peer0")
+    tok = AutoTokenizer.from_pretrained(run / "final" / "peer0")
+    enc = tok(["the dog is <mask> ."], return_tensors="pt")
+    assert model(**enc).logits.shape[-1] == len(tok)
+    assert json.loads((run / "final" / "summary.json").read_text())["method"] == "mlm"
+
+
+@pytest.mark.parametrize("method", ["mlm", "dwml"])
+def test_killed_run_resumes_exactly(tiny_prepared, tmp_path, method):
+    extra = {"train": {"method": method}}
+    if method == "dwml":
+        extra["model"] = {"peers": PEERS}
+    whole = train(make_cfg(tiny_prepared, tmp_path / "whole", **extra))
+    with pytest.raises(Interrupted):
+        train(make_cfg(tiny_prepared, tmp_path / "killed", **extra), stop_after=6)
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = train(make_cfg(tiny_prepared, tmp_path / "killed", **extra))
+    assert resumed["peers"] == whole["peers"]  # validation losses identical to the last bit
+    assert resumed["omega"] == whole["omega"]
+    for peer in range(len(whole["peers"])):
+        a, b = _final_weights(tmp_path / "whole", peer), _final_weights(tmp_path / "killed", peer)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # The metrics log has no duplicated steps after the resume.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "lr" in json.loads(line)]
+    assert steps == sorted(set(steps))
+
+
+def test_dml_with_alpha0_equals_independent_mlm(tiny_prepared, tmp_path):
+    # Adam is invariant to the 1/M loss scale when eps is negligible and there is no clipping; with no dropout and
+    # the same seeds, DML (alpha = 0, omega = 1/2) must follow exactly the trajectories of independent MLM training.
+    common = {"model": {"peers": PEERS, "dropout": 0.0}, "train": {"grad_clip": 0.0, "eps": 1e-30}}
+    dml = train(make_cfg(tiny_prepared, tmp_path / "dml", **merge(common, {"train": {"method": "dml"},
+                                                                            "distill": {"alpha": 0.0}})))
+    mlm = train(make_cfg(tiny_prepared, tmp_path / "mlm", **merge(common, {"train": {"method": "mlm"}})))
+    for a, b in zip(dml["peers"], mlm["peers"]):
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5, abs=1e-5)
+    assert dml["omega"] == [0.5, 0.5]
+    # ... and distillation (alpha > 0) really changes the training.
+    dml_kd = train(make_cfg(tiny_prepared, tmp_path / "dml5", **merge(common, {"train": {"method": "dml"},
+                                                                               "distill": {"alpha": 0.5}})))
+    assert abs(dml_kd["peers"][0]["valid_loss"] - mlm["peers"][0]["valid_loss"]) > 1e-4
+
+
+def test_every_method_trains(tiny_prepared, tmp_path):
+    teacher_run = tmp_path / "teacher"
+    train(make_cfg(tiny_prepared, teacher_run, train={"max_steps": 6}))
+    cases = {
+        "kd": {"distill": {"teacher": str(teacher_run)}},
+        "sd": {"model": {"layers": 2}},
+        "dml": {"model": {"peers": PEERS}},
+        "dwml": {"model": {"peers": PEERS}, "distill": {"hypergrad": "double_backward"}},
+        "kd_dwml": {"model": {"peers": PEERS}, "distill": {"teacher": str(teacher_run)}},
+    }
+    for method, extra in cases.items():
+        summary = train(make_cfg(tiny_prepared, tmp_path / method, **merge(extra, {"train": {
+            "method": method, "max_steps": 6, "save_every": 6, "eval_every": 6}})))
+        losses = [p["valid_loss"] for p in summary["peers"]]
+        assert all(torch.isfinite(torch.tensor(losses))), method
+        assert all(v < i for v, i in zip(losses, summary["initial_valid_loss"])), method
+        omega = summary["omega"]
+        assert abs(sum(omega) - 1) < 1e-9
+        if method in ("dwml", "kd_dwml"):
+            assert omega != [0.5, 0.5], method  # learned by the outer steps
+        # sd exports only the full model (no auxiliary heads in the HF folder)
+        if method == "sd":
+            keys = _final_weights(tmp_path / method).keys()
+            assert not any("aux" in k or "heads" in k for k in keys)
+
+
+def test_bad_training_input(tiny_prepared, tmp_path):
+    with pytest.raises(DwmlError, match="needs at least 2 peers"):
+        train(make_cfg(tiny_prepared, tmp_path / "a", train={"method": "dwml"}))
+    with pytest.raises(DwmlError, match="not a model directory"):
+        train(make_cfg(tiny_prepared, tmp_path / "b", train={"method": "kd"}, distill={"teacher": str(tmp_path)}))
+    with pytest.raises(DwmlError, match="meta.json|prepared|not found|No such"):
+        train(make_cfg(tmp_path / "nowhere", tmp_path / "c"))
+
+
+def test_teacher_with_other_vocabulary_is_refused(tiny_prepared, tiny_corpus, tmp_path):
+    from dwml.prepare import prepare
+
+    other = tmp_path / "other_data"
+    prepare([tiny_corpus], other, vocab_size=600, valid_fraction=0.02, seed=0)
+    train(make_cfg(other, tmp_path / "teacher", train={"max_steps": 2, "save_every": 2, "eval_every": 2}))
+    with pytest.raises(DwmlError, match="different tokenizer"):
+        train(make_cfg(tiny_prepared, tmp_path / "kd", train={"method": "kd"},
+                       distill={"teacher": str(tmp_path / "teacher")}))
+
+
+def test_cli_errors_exit_2(tiny_prepared, tmp_path, capsys):
+    assert main(["train", "--data", str(tiny_prepared), "--set", "train.max_stepz=3"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_prepared), "--set", "distill.alpha=2"]) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nmethod = 'dwml'\n[distill]\nouter_every = 0\n")
+    assert main(["train", str(bad)]) == 2
+    assert "outer_every" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_reported(tiny_prepared, tmp_path, capsys):
+    cfg = make_cfg(tiny_prepared, tmp_path / "run")
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=6)
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(DwmlError, match="corrupt or unreadable checkpoint"):
+        train(cfg)
