@@ -147,3 +147,13 @@ def test_corrupt_checkpoint_is_reported(tiny_prepared, tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(DwmlError, match="corrupt or unreadable checkpoint"):
         train(cfg)
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_prepared, tmp_path):
+    # Micro-batches are weighted by their share of masked tokens, so 2 x 8 accumulated == 16 at once.
+    nodrop = {"model": {"dropout": 0.0}, "train": {"max_steps": 6, "save_every": 6, "eval_every": 6}}
+    train(make_cfg(tiny_prepared, tmp_path / "big", **merge(nodrop, {"train": {"batch_size": 16}})))
+    train(make_cfg(tiny_prepared, tmp_path / "acc", **merge(nodrop, {"train": {"batch_size": 8, "grad_accum": 2}})))
+    a, b = _final_weights(tmp_path / "big"), _final_weights(tmp_path / "acc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)

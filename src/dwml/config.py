@@ -60,7 +60,8 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     eval_every: int = 200
-    eval_batches: int = 16
+    eval_batches: int = 16  # validation set = the first eval_batches x eval_batch_size valid sequences ...
+    eval_batch_size: int = 32  # ... independent of the training batch size, so runs stay comparable
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -74,7 +75,8 @@ class TrainConfig:
 class DistillConfig:
     alpha: float = 0.5  # weight of the distillation terms, eq. (2)
     temperature: float = 1.0
-    outer_every: int = 10  # K: inner steps between outer (omega) steps
+    outer_every: int = 20  # K: inner steps between outer (omega) steps; an outer step costs ~3 inner steps
+    heldout_batch_size: int = 0  # sequences per held-out batch of L2; 0 = half the train batch
     eta: float = 0.5  # mirror-descent step size, eq. (4)
     eta_schedule: str = "inv_sqrt"  # constant | inv_sqrt (eta / sqrt(t)) | cosine (to eta_min at the last step)
     eta_min: float = 0.0

@@ -147,6 +147,43 @@ def dwml_loss(
     return total, parts
 
 
+def dwml_inner_loss(
+    logits_list: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    omega: torch.Tensor,
+    alpha: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. (2) with detached KL targets, in O(M) passes over the (N, V) logits instead of the M^2 of `dwml_loss`.
+
+    Same value and gradients as `dwml_loss(..., detach_targets=True)` (tested), for the inner loop's hot path. With
+    the targets constant, peer i's KL terms collapse to one cross-entropy against the mixture of the other peers:
+
+        sum_{j != i} omega_j KL(p_j || p_i) = sum_{j != i} omega_j sum_v p_j log p_j  -  sum_v q_i log p_i,
+        q_i = P - omega_i p_i,   P = sum_j omega_j p_j
+
+    so each peer needs one product with its own log-probabilities; the targets P, q_i and the entropies are built
+    once, without autograd. parts: "ce" (M,) and "kl" (M,) = sum_{j != i} omega_j KL(p_j || p_i) per student i.
+    """
+    _check_alpha_temperature(alpha, temperature)
+    z = torch.stack([_upcast(x) for x in logits_list])  # (M, N, V)
+    num_peers, n = z.shape[0], z.shape[1]
+    require(omega.shape == (num_peers,), f"omega: expected shape ({num_peers},), got {tuple(omega.shape)}")
+    w = omega.to(z.dtype)
+    log_p1 = F.log_softmax(z, dim=-1)
+    ce = -log_p1.gather(-1, labels.view(1, n, 1).expand(num_peers, n, 1)).squeeze(-1).mean(1)
+    log_p = log_p1 if temperature == 1.0 else F.log_softmax(z / temperature, dim=-1)
+    with torch.no_grad():
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum((1, 2)) / n  # (M,) sum_v p_j log p_j, averaged over positions
+        mix = torch.einsum("m,mnv->nv", w, p)  # P
+        teacher_const = (w * neg_entropy).sum() - w * neg_entropy  # sum_{j != i} omega_j sum_v p_j log p_j
+    cross = torch.stack([((mix - w[i] * p[i]) * log_p[i]).sum() for i in range(num_peers)]) / n
+    kl = teacher_const - cross
+    total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
+    return total, {"ce": ce.detach(), "kl": kl.detach()}
+
+
 def kd_dwml_loss(
     logits_list: Sequence[torch.Tensor],
     teacher_logits: torch.Tensor,

@@ -1,8 +1,8 @@
 """Batching and dynamic masked-language-model corruption (BERT/RoBERTa 80/10/10 scheme).
 
 `BatchStream` turns a sequence dataset (e.g. `dwml.shards.PackedSequences`) into an endless, deterministic stream of
-`MaskedBatch`es: one seeded permutation per epoch, split across DDP ranks, and masking noise drawn from a generator
-seeded by (seed, rank, batch counter) alone. The stream's whole state is therefore (epoch, cursor): a run resumed
+`MaskedBatch`es: one seeded permutation per epoch, split across DDP ranks, and masking noise drawn from generators
+seeded by (seed, epoch, sequence index) alone. The stream's whole state is therefore (epoch, cursor): a run resumed
 from `state_dict()` sees bit-identical batches to one that never stopped.
 """
 from __future__ import annotations
@@ -55,25 +55,37 @@ def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     vocab_size: int,
     mask_prob: float = 0.15,
     mask_id: int = MASK_ID,
     n_special: int = N_SPECIAL,
 ) -> MaskedBatch:
     """Select each real (non-special, non-pad) token with probability mask_prob; of those, 80% become <mask>,
-    10% a random non-special token, 10% stay. At least one token per batch is selected. Inputs are not modified."""
+    10% a random non-special token, 10% stay. At least one token per batch is selected. Inputs are not modified.
+
+    `generator` is one generator for the whole (B, T) grid, or one per row: then each row's noise depends on that
+    row's generator alone, not on its batch-mates or the padded length (`BatchStream` uses this so a sequence is
+    masked the same way whatever batch or DDP rank it lands in)."""
     if not 0.0 < mask_prob < 1.0:
         raise DwmlError(f"mask_prob: expected a number in (0, 1), got {mask_prob!r}")
     if vocab_size <= n_special:
         raise DwmlError(f"vocab_size: expected more than {n_special} (the special tokens), got {vocab_size}")
     shape = input_ids.shape
     candidates = attention_mask.bool() & (input_ids >= n_special)
-    # Draw every random number for the full grid, so the generator advances by the same amount for any content.
-    select_u = torch.rand(shape, generator=generator)
-    action_u = torch.rand(shape, generator=generator)
-    random_ids = torch.randint(n_special, vocab_size, shape, generator=generator)
-    fallback_u = torch.rand(shape, generator=generator)
+    # Draw every random number for the full grid (or row), so a generator advances by the same amount for any
+    # content.
+    if isinstance(generator, torch.Generator):
+        select_u, action_u, random_ids, fallback_u = _noise(shape, generator, vocab_size, n_special)
+    else:
+        if len(generator) != shape[0]:
+            raise ValueError(f"mask_tokens: {len(generator)} generators for {shape[0]} rows")
+        rows = [_noise((int(attention_mask[i].sum()),), g, vocab_size, n_special) for i, g in enumerate(generator)]
+        select_u, action_u, random_ids, fallback_u = (
+            torch.stack([torch.nn.functional.pad(r[k], (0, shape[1] - len(r[k])), value=pad)
+                         for r in rows]).view(shape)
+            for k, pad in enumerate((1.0, 1.0, n_special, -1.0))
+        )
 
     selected = candidates & (select_u < mask_prob)
     if not bool(selected.any()):
@@ -95,9 +107,15 @@ def mask_tokens(
     return MaskedBatch(corrupted, attention_mask.clone(), positions, labels)
 
 
-def _mask_seed(seed: int, rank: int, counter: int) -> int:
-    """A 63-bit torch seed that depends only on (seed, rank, counter)."""
-    state = np.random.SeedSequence([seed, rank, counter, 0x6D61736B]).generate_state(2, dtype=np.uint32)
+def _noise(shape, generator: torch.Generator, vocab_size: int, n_special: int):
+    """Selection, action and fallback uniforms and random replacement ids for a grid of `shape`."""
+    return (torch.rand(shape, generator=generator), torch.rand(shape, generator=generator),
+            torch.randint(n_special, vocab_size, shape, generator=generator), torch.rand(shape, generator=generator))
+
+
+def _mask_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit torch seed that depends only on (seed, epoch, sequence index)."""
+    state = np.random.SeedSequence([seed, epoch, index, 0x6D61736B]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -169,11 +187,13 @@ class BatchStream:
 
     def __next__(self) -> MaskedBatch:
         idx = self._indices(self._epoch, self._cursor)
-        counter = self.step
         input_ids, attention_mask = collate([self.sequences[int(i)] for i in idx], self.pad_id)
-        generator = torch.Generator().manual_seed(_mask_seed(self.seed, self.rank, counter))
+        # One generator per sequence from (seed, epoch, sequence index): dynamic masking (new masks every epoch)
+        # that does not depend on the batch size or the DDP world size, so a 2-rank run sees the same masks as one
+        # process with the union batch.
+        generators = [torch.Generator().manual_seed(_mask_seed(self.seed, self._epoch, int(i))) for i in idx]
         batch = mask_tokens(
-            input_ids, attention_mask, generator=generator, vocab_size=self.vocab_size,
+            input_ids, attention_mask, generator=generators, vocab_size=self.vocab_size,
             mask_prob=self.mask_prob, mask_id=self.mask_id, n_special=self.n_special,
         )
         self._tokens_seen += batch.n_tokens

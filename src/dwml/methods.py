@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .config import DistillConfig
-from .losses import dwml_loss, kd_dwml_loss, kd_loss, mlm_loss
+from .losses import dwml_inner_loss, dwml_loss, kd_dwml_loss, kd_loss, mlm_loss
 from .selfdistill import sd_loss
 
 Outputs = list[tuple[torch.Tensor, list[torch.Tensor]]]  # per student: (logits (N, V), aux logits)
@@ -46,9 +46,11 @@ def loss_sd(outputs, labels, omega, teacher_logits, d):
 
 
 def _peer_loss(outputs, labels, omega, d):
-    total, parts = dwml_loss(
-        [logits for logits, _ in outputs], labels, omega, d.alpha, d.temperature, d.detach_targets
-    )
+    logits = [z for z, _ in outputs]
+    if d.detach_targets:  # same value and gradients, O(M) instead of O(M^2) passes over the vocabulary
+        total, parts = dwml_inner_loss(logits, labels, omega, d.alpha, d.temperature)
+    else:
+        total, parts = dwml_loss(logits, labels, omega, d.alpha, d.temperature, detach_targets=False)
     return total, {"ce": parts["ce"].tolist()}
 
 

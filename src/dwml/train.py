@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     n_held = min(dcfg.heldout_sequences, n // 2) if need_heldout else 0
     report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
     report = _Subset(valid_seqs, report_idx)
-    bs = min(t.batch_size, len(report))
+    bs = min(t.eval_batch_size, len(report))
     if bs < 1:
         raise DwmlError(f"{prepared}: valid split is empty")
     vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, **common)
@@ -190,7 +191,8 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
         if n_held < 1:
             raise DwmlError(f"{prepared}: valid split too small to hold out sequences for the outer loop")
         held = _Subset(valid_seqs, held_idx)
-        heldout = BatchStream(held, min(t.batch_size, len(held)), seed=t.seed + 2, rank=0, world_size=1, **common)
+        held_bs = cfg.distill.heldout_batch_size or max(1, t.batch_size // 2)
+        heldout = BatchStream(held, min(held_bs, len(held)), seed=t.seed + 2, rank=0, world_size=1, **common)
     return Batches(train, heldout, valid)
 
 
@@ -248,7 +250,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=learn_omega)
 
     # Resume from the newest checkpoint, if any.
-    step = 0
+    step, elapsed_before = 0, 0.0
     ckpts = list_checkpoints(run_dir) if resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1])
@@ -266,6 +268,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             batches.heldout.load_state_dict(state["heldout_stream"])
         _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
         step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
     elif resume and run_dir.exists() and (run_dir / "final" / "summary.json").is_file():
         pass  # a finished run without checkpoints is simply trained again below
     if rt.is_master:
@@ -329,6 +332,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             "heldout_stream": batches.heldout.state_dict() if batches.heldout is not None else None,
             "rng": _gather_rng(rt),
             "config": config_mod.to_toml(cfg),
+            "elapsed_s": elapsed(),
         }
         if rt.is_master:
             save_checkpoint(run_dir, step_now, state)
@@ -341,7 +345,12 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     else:
         initial_valid = None
 
-    tokens_per_step = 0
+    loop_start = time.perf_counter()
+
+    def elapsed() -> float:
+        """Training wall time (validation included), summed over resumed segments of the run."""
+        return elapsed_before + time.perf_counter() - loop_start
+
     bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and rt.is_master), desc=method,
                dynamic_ncols=True)
     t_last, tok_since = time.perf_counter(), 0
@@ -350,8 +359,15 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         for o in optimizers:
             o.zero_grad(set_to_none=True)
         logs: dict[str, list[float]] = {}
-        for micro in range(t.grad_accum):
-            batch = next(batches.train).to(rt.device)
+        micro_batches = [next(batches.train).to(rt.device) for _ in range(t.grad_accum)]
+        # Each loss is a mean over its micro-batch's masked tokens, whose number varies. Weighting every micro-batch
+        # by its share of all masked tokens of the step (over all ranks; DDP then averages over ranks, hence the
+        # world_size factor) makes accumulation and DDP compute exactly the gradient of the one big batch.
+        counts = [b.labels.numel() for b in micro_batches]
+        n_masked = torch.tensor(float(sum(counts)), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(n_masked)
+        for micro, batch in enumerate(micro_batches):
             # With DDP, only the last micro-batch all-reduces gradients.
             sync = contextlib.ExitStack()
             if rt.ddp and micro < t.grad_accum - 1:
@@ -361,11 +377,11 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
                 outs = forward_all(batch, train_mode=True)
                 outs = [(z.float(), [a.float() for a in aux]) for z, aux in outs]
                 loss, parts = loss_fn(outs, batch.labels, omega.omega.to(rt.device), teacher_logits(batch), d)
-                (loss / t.grad_accum).backward()
+                (loss * (counts[micro] * rt.world_size / n_masked)).backward()
             for k, v in parts.items():
                 acc = logs.setdefault(k, [0.0] * len(v))
                 for i, x in enumerate(v):
-                    acc[i] += x / t.grad_accum
+                    acc[i] += x * counts[micro] / sum(counts)
             tok_since += int(batch.attention_mask.sum())
         grad_norms = []
         for s, o, sc in zip(students, optimizers, schedulers):
@@ -395,7 +411,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             now = time.perf_counter()
             tps = tok_since * rt.world_size / max(now - t_last, 1e-9)
             t_last, tok_since = now, 0
-            record.update(step=step, lr=lr_now, tokens_per_s=tps, train_ce=logs.get("ce"),
+            record.update(step=step, elapsed_s=elapsed(), lr=lr_now, tokens_per_s=tps, train_ce=logs.get("ce"),
                           grad_norm=grad_norms or None)
             if "omega" not in record:
                 record["omega"] = omega.omega.tolist()
@@ -415,6 +431,11 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             raise Interrupted(f"stopped after step {step}")
     bar.close()
 
+    dump = os.environ.get("DWML_RANK_DUMP")
+    if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        torch.save({"students": [s.state_dict() for s in students], "omega": omega.omega.clone()},
+                   Path(dump) / f"rank{rt.rank}.pt")
     summary = {}
     if rt.is_master:
         final = validate()
@@ -428,6 +449,8 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
                 for (n, a), p, v in zip(archs, params, final["valid_loss"])
             ],
             "initial_valid_loss": initial_valid,
+            "train_seconds": elapsed(),
+            "train_tokens": int(batches.train.tokens_seen) * rt.world_size,
             "valid_ensemble_loss": final.get("valid_ensemble_loss"),
             "tokenizer": str(tokenizer_dir),
         }

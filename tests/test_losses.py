@@ -1,0 +1,270 @@
+"""Losses against closed-form values (math.exp/log on V=3 logits) and against naive per-pair loops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dwml.errors import DwmlError
+from dwml.losses import (
+    dwml_coefficients,
+    dwml_loss,
+    ensemble_logprobs,
+    ensemble_loss,
+    kd_dwml_loss,
+    kd_loss,
+    kl_div,
+    mlm_loss,
+)
+
+D = torch.float64
+
+
+def softmax(z, t=1.0):
+    e = [math.exp(x / t) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def ce_ref(z, y):
+    return -math.log(softmax(z)[y])
+
+
+def kl_ref(target, student, t=1.0):
+    p, q = softmax(target, t), softmax(student, t)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def tensor(rows):
+    return torch.tensor(rows, dtype=D)
+
+
+def random_logits(m, n=4, v=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, v, generator=g, dtype=D) * 2 for _ in range(m)]
+
+
+def test_mlm_loss_hand():
+    loss = mlm_loss(tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), torch.tensor([2, 1]))
+    assert loss.item() == pytest.approx((ce_ref([1, 2, 3], 2) + math.log(3)) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
+def test_kl_div_hand_and_direction(t):
+    a, b = [0.0, 1.0, 2.0], [2.0, 0.0, 1.0]
+    assert kl_div(tensor([a]), tensor([b]), t).item() == pytest.approx(kl_ref(a, b, t), rel=1e-12)
+    assert kl_div(tensor([b]), tensor([a]), t).item() == pytest.approx(kl_ref(b, a, t), rel=1e-12)
+    # the direction matters: with these logits the two KLs differ
+    assert abs(kl_ref(a, b, t) - kl_ref(b, a, t)) > 1e-3
+
+
+def test_kl_is_averaged_over_positions():
+    a, b = [[0.0, 1.0, 2.0], [1.0, 1.0, -1.0]], [[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]
+    expected = (kl_ref(a[0], b[0]) + kl_ref(a[1], b[1])) / 2
+    assert kl_div(tensor(a), tensor(b)).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_kl_of_a_distribution_with_itself_is_zero():
+    (z,) = random_logits(1)
+    assert abs(kl_div(z, z).item()) < 1e-14
+    assert abs(kl_div(z, z + 3.0, temperature=2.0).item()) < 1e-14  # softmax is shift-invariant
+
+
+def test_kl_symmetric_case():
+    # two-token distributions that are mirror images have equal KL in both directions
+    a, b = tensor([[0.3, -1.2]]), tensor([[-1.2, 0.3]])
+    assert kl_div(a, b).item() == pytest.approx(kl_div(b, a).item(), rel=1e-12)
+    assert kl_div(a, b).item() == pytest.approx(kl_ref([0.3, -1.2], [-1.2, 0.3]), rel=1e-12)
+
+
+def test_kd_loss_hand_and_teacher_is_detached():
+    s, t, y, alpha, temp = [1.0, 0.0, -1.0], [0.0, 2.0, 1.0], 2, 0.3, 2.0
+    student, teacher = tensor([s]).requires_grad_(), tensor([t]).requires_grad_()
+    loss = kd_loss(student, teacher, torch.tensor([y]), alpha, temp)
+    expected = (1 - alpha) * ce_ref(s, y) + alpha * temp**2 * kl_ref(t, s, temp)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_dwml_two_peers_hand():
+    z0, z1, y = [1.0, 0.0, -1.0], [0.0, 2.0, 1.0], 0
+    w0, w1, alpha, t = 0.7, 0.3, 0.4, 2.0
+    total, parts = dwml_loss([tensor([z0]), tensor([z1])], torch.tensor([y]), tensor([w0, w1]), alpha, t)
+    kl01, kl10 = kl_ref(z0, z1, t), kl_ref(z1, z0, t)  # KL(p0 || p1): peer 1 learns from peer 0 (weight w0)
+    expected = (1 - alpha) * (w0 * ce_ref(z0, y) + w1 * ce_ref(z1, y)) + alpha * t**2 * (w0 * kl01 + w1 * kl10)
+    assert total.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(parts["ce"], tensor([ce_ref(z0, y), ce_ref(z1, y)]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(parts["kl"], tensor([[0.0, kl01], [kl10, 0.0]]), rtol=1e-12, atol=1e-15)
+    h = tensor([(1 - alpha) * ce_ref(z0, y) + alpha * t**2 * kl01, (1 - alpha) * ce_ref(z1, y) + alpha * t**2 * kl10])
+    torch.testing.assert_close(parts["h"], h, rtol=1e-12, atol=0)
+    assert (parts["ce_term"] + parts["kl_term"]).item() == pytest.approx(expected, rel=1e-12)
+
+
+def naive_dwml(logits, labels, omega, alpha, t, detach):
+    total = 0.0
+    for i, zi in enumerate(logits):
+        total = total + (1 - alpha) * omega[i] * mlm_loss(zi, labels)
+        for j, zj in enumerate(logits):
+            if j != i:
+                total = total + alpha * t**2 * omega[j] * kl_div(zj.detach() if detach else zj, zi, t)
+    return total
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("t", [1.0, 1.7])
+def test_dwml_matches_naive_pair_loop_values_and_gradients(detach, t):
+    labels = torch.tensor([0, 5, 2, 3])
+    omega = tensor([0.5, 0.2, 0.3])
+    fast = [z.clone().requires_grad_() for z in random_logits(3)]
+    slow = [z.clone().requires_grad_() for z in random_logits(3)]
+    total, _ = dwml_loss(fast, labels, omega, 0.6, t, detach_targets=detach)
+    reference = naive_dwml(slow, labels, omega, 0.6, t, detach)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-12)
+    total.backward()
+    reference.backward()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_dwml_is_linear_in_omega_with_coefficients_h():
+    labels = torch.tensor([0, 5, 2, 3])
+    logits = random_logits(3, seed=1)
+    h, _, _ = dwml_coefficients(logits, labels, 0.5, 2.0)
+    for omega in (tensor([1.0, 0.0, 0.0]), tensor([0.2, 0.5, 0.3]), tensor([-1.0, 2.0, 0.5])):
+        total, _ = dwml_loss(logits, labels, omega, 0.5, 2.0)
+        assert total.item() == pytest.approx((omega * h).sum().item(), rel=1e-12)
+
+
+def test_dwml_alpha_zero_is_weighted_cross_entropy():
+    labels = torch.tensor([1, 0, 4, 3])
+    logits, omega = random_logits(3, seed=2), tensor([0.1, 0.6, 0.3])
+    total, _ = dwml_loss(logits, labels, omega, 0.0, 3.0)
+    expected = sum(omega[i] * mlm_loss(z, labels) for i, z in enumerate(logits))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_dml_special_case(m):
+    """omega = alpha = 1/M: L1 = (M-1)/M^2 * sum_i [CE_i + 1/(M-1) sum_{j != i} KL(p_j || p_i)], which is
+    Zhang et al. (2018) eq. (2) summed over the networks (each network's loss, with the others' targets fixed)."""
+    labels = torch.tensor([1, 0, 4, 3])
+    ours = [z.requires_grad_() for z in random_logits(m, seed=3)]
+    dml = [z.requires_grad_() for z in random_logits(m, seed=3)]
+    total, _ = dwml_loss(ours, labels, torch.full((m,), 1.0 / m, dtype=D), 1.0 / m)
+    per_network = [
+        mlm_loss(dml[i], labels) + sum(kl_div(dml[j].detach(), dml[i]) for j in range(m) if j != i) / (m - 1)
+        for i in range(m)
+    ]
+    scale = (m - 1) / m**2
+    assert total.item() == pytest.approx(scale * sum(per_network).item(), rel=1e-12)
+    total.backward()
+    (scale * sum(per_network)).backward()
+    for a, b in zip(ours, dml):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_temperature_scales_kl_by_t_squared():
+    z0, z1 = [1.0, 0.0, -1.0], [0.0, 2.0, 1.0]
+    logits, labels, omega = [tensor([z0]), tensor([z1])], torch.tensor([0]), tensor([0.5, 0.5])
+    for t in (1.0, 2.0, 4.0):
+        total, _ = dwml_loss(logits, labels, omega, 1.0, t)
+        assert total.item() == pytest.approx(t**2 * 0.5 * (kl_ref(z0, z1, t) + kl_ref(z1, z0, t)), rel=1e-12)
+    # identical peers: no KL at any temperature, only the cross-entropy is left
+    same, _ = dwml_loss([tensor([z0]), tensor([z0])], labels, omega, 0.25, 3.0)
+    assert same.item() == pytest.approx(0.75 * ce_ref(z0, 0), rel=1e-12)
+
+
+def test_detach_targets_blocks_the_teacher_side():
+    labels = torch.tensor([0, 1, 2, 3])
+    omega = tensor([1.0, 0.0])  # only KL(p0 || p1) remains at alpha = 1: peer 0 teaches peer 1
+    for detach in (True, False):
+        z0, z1 = [z.requires_grad_() for z in random_logits(2, seed=4)]
+        total, _ = dwml_loss([z0, z1], labels, omega, 1.0, 2.0, detach_targets=detach)
+        total.backward()
+        assert z1.grad.abs().max() > 1e-3
+        if detach:
+            assert torch.count_nonzero(z0.grad) == 0
+        else:
+            assert z0.grad.abs().max() > 1e-3
+
+
+def test_low_precision_logits_are_upcast():
+    logits = [z.to(torch.bfloat16) for z in random_logits(2, seed=5)]
+    labels = torch.tensor([0, 1, 2, 3])
+    total, _ = dwml_loss(logits, labels, torch.tensor([0.5, 0.5]), 0.5, 2.0)
+    reference, _ = dwml_loss([z.float() for z in logits], labels, torch.tensor([0.5, 0.5]), 0.5, 2.0)
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_ensemble_logprobs_hand():
+    z0, z1, w = [1.0, 0.0, -1.0], [0.0, 2.0, 1.0], [0.25, 0.75]
+    out = ensemble_logprobs([tensor([z0]), tensor([z1])], tensor(w))
+    p0, p1 = softmax(z0), softmax(z1)
+    expected = [math.log(w[0] * a + w[1] * b) for a, b in zip(p0, p1)]
+    torch.testing.assert_close(out, tensor([expected]), rtol=1e-12, atol=0)
+
+
+def test_ensemble_loss_kinds():
+    labels = torch.tensor([1, 0, 4, 3])
+    logits, omega = random_logits(3, seed=6), tensor([0.2, 0.3, 0.5])
+    ces = torch.stack([mlm_loss(z, labels) for z in logits])
+    mixture = sum(w * torch.softmax(z, -1) for w, z in zip(omega, logits))
+    expected_ensemble = -torch.log(mixture[torch.arange(4), labels]).mean()
+    assert ensemble_loss(logits, labels, omega, "ensemble").item() == pytest.approx(expected_ensemble.item(), rel=1e-12)
+    assert ensemble_loss(logits, labels, omega, "sum").item() == pytest.approx((omega * ces).sum().item(), rel=1e-12)
+    averaged = sum(w * z for w, z in zip(omega, logits))
+    assert ensemble_loss(logits, labels, omega, "logit_ensemble").item() == pytest.approx(
+        mlm_loss(averaged, labels).item(), rel=1e-12
+    )
+    # Jensen: the mixture's CE never exceeds the weighted mean of the peers' CE
+    assert expected_ensemble < (omega * ces).sum()
+    with pytest.raises(DwmlError, match="l2_kind"):
+        ensemble_loss(logits, labels, omega, "mean")
+
+
+def test_kd_dwml_adds_a_fixed_weight_teacher_term():
+    z0, z1, zt, y = [1.0, 0.0, -1.0], [0.0, 2.0, 1.0], [2.0, -1.0, 0.5], 1
+    logits = [tensor([z0]).requires_grad_(), tensor([z1]).requires_grad_()]
+    teacher = tensor([zt]).requires_grad_()
+    labels, omega, alpha, t = torch.tensor([y]), tensor([0.6, 0.4]), 0.5, 2.0
+    base, _ = dwml_loss(logits, labels, omega, alpha, t)
+    same, _ = kd_dwml_loss(logits, teacher, labels, omega, alpha, 0.0, t)
+    assert same.item() == pytest.approx(base.item(), rel=1e-12)
+    total, parts = kd_dwml_loss(logits, teacher, labels, omega, alpha, 0.8, t)
+    expected = base.item() + 0.8 * t**2 * (kl_ref(zt, z0, t) + kl_ref(zt, z1, t))
+    assert total.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(parts["teacher_kl"], tensor([kl_ref(zt, z0, t), kl_ref(zt, z1, t)]), rtol=1e-12, atol=0)
+    total.backward()
+    assert teacher.grad is None and logits[0].grad.abs().sum() > 0
+
+
+def test_bad_values_raise_dwml_error():
+    logits, labels = random_logits(2), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(DwmlError, match="alpha"):
+        dwml_loss(logits, labels, tensor([0.5, 0.5]), 1.5)
+    with pytest.raises(DwmlError, match="temperature"):
+        kd_loss(logits[0], logits[1], labels, 0.5, 0.0)
+    with pytest.raises(DwmlError, match="omega"):
+        dwml_loss(logits, labels, tensor([0.2, 0.3, 0.5]), 0.5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dwml_inner_loss_equals_pairwise_dwml_loss(temperature):
+    from dwml.losses import dwml_inner_loss
+
+    torch.manual_seed(0)
+    zs = [torch.randn(7, 11, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    labels = torch.randint(0, 11, (7,))
+    omega = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    ref, ref_parts = dwml_loss(zs, labels, omega, 0.4, temperature, detach_targets=True)
+    ref_grads = torch.autograd.grad(ref, zs)
+    fast, parts = dwml_inner_loss(zs, labels, omega, 0.4, temperature)
+    grads = torch.autograd.grad(fast, zs)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts["ce"], ref_parts["ce"])
+    # per-student weighted KL: sum_j omega_j KL(p_j || p_i) = column sums of the omega-weighted pairwise matrix
+    torch.testing.assert_close(parts["kl"], (omega[:, None] * ref_parts["kl"]).sum(0))
