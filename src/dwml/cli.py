@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "dwml.evaluate",
     "dwml.finetune",
     "dwml.export",
+    "dwml.experiment",
 )
 
 

@@ -32,8 +32,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from .errors import DwmlError, require
 from .io import write_json
@@ -347,6 +345,8 @@ def compute_metrics(names: Sequence[str], preds: np.ndarray, labels: np.ndarray)
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence the expected load report (LM head unused, classifier newly initialised) and progress bars."""
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -369,6 +369,8 @@ def load_tokenizer(model_dir: Path):
     check_model_dir(model_dir)
     try:
         with _quiet_transformers():
+            from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise DwmlError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
@@ -385,6 +387,8 @@ def load_classifier(model_dir: Path, num_labels: int):
     check_model_dir(model_dir)
     try:
         with _quiet_transformers():
+            from transformers import AutoModelForSequenceClassification
+
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, num_labels=num_labels, output_loading_info=True
             )

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from transformers import RobertaConfig, RobertaForMaskedLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers' model code takes seconds to import: only where a model is built
+    from transformers import RobertaConfig, RobertaForMaskedLM
 
 from .errors import DwmlError
 
@@ -74,6 +77,8 @@ class Arch:
             tie_word_embeddings=True,
         )
         kwargs.update(overrides)
+        from transformers import RobertaConfig
+
         return RobertaConfig(**kwargs)
 
     @classmethod
@@ -122,6 +127,8 @@ def count_params(arch: Arch) -> int:
 
 def build_model(arch: Arch, seed: int | None = None, **config_overrides: Any) -> RobertaForMaskedLM:
     """A freshly initialised RoBERTa MLM; `seed` makes the initialisation reproducible without touching global RNG."""
+    from transformers import RobertaForMaskedLM
+
     cfg = arch.to_hf_config(**config_overrides)
     if seed is None:
         return RobertaForMaskedLM(cfg)

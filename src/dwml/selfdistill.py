@@ -24,7 +24,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import RobertaConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import RobertaConfig
 
 from .errors import require
 from .losses import kd_loss, mlm_loss
