@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
 PEERS = "[{layers=1,heads=2,hidden=32,intermediate=64},{layers=1,heads=2,hidden=16,intermediate=32}]"

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import MinimalPair, TASKS, default_data_dir, load_task, parse_tasks
 from .io import write_json
@@ -91,15 +92,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DwmlError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DwmlError("--device: CUDA requested but no GPU is available")
-    return device
+    return runtime_resolve_device(name, field="--device")
 
 
 def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):

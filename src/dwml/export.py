@@ -9,21 +9,14 @@ import json
 from pathlib import Path
 
 from .errors import DwmlError
-from .io import atomic_dir, write_text
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DwmlError(f"{path}: unreadable JSON ({e})") from None
+from .io import atomic_dir, read_json, write_text
 
 
 def find_scores(run_dir: Path, peer: int) -> dict:
     """Scores of this peer from eval/finetune JSON files in the run directory (written by experiment/eval)."""
     found: dict = {}
     for f in sorted(run_dir.glob("eval*.json")) + sorted(run_dir.glob("finetune*.json")):
-        data = _read_json(f)
+        data = read_json(f)
         models = data.get("models", {}) if isinstance(data, dict) else {}
         entry = models.get(f"peer{peer}")
         if isinstance(entry, dict):
@@ -83,7 +76,7 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
     summary_path = run_dir / "final" / "summary.json"
     if not summary_path.is_file():
         raise DwmlError(f"{run_dir}: not a finished dwml run (no final/summary.json)")
-    summary = _read_json(summary_path)
+    summary = read_json(summary_path, "run summary")
     n = len(summary.get("peers", []))
     if not 0 <= peer < n:
         raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")

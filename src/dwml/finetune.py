@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .errors import DwmlError, require
 from .io import write_json
 from .model import POSITION_OFFSET
@@ -153,16 +154,7 @@ class FinetuneConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DwmlError(f"finetune.device: expected auto|cpu|cuda|cuda:N, got {name!r}") from None
-    require(device.type in ("cpu", "cuda"), f"finetune.device: expected auto|cpu|cuda|cuda:N, got {name!r}")
-    require(device.type == "cpu" or torch.cuda.is_available(),
-            f"finetune.device: {name!r} asked for but CUDA is not available")
-    return device
+    return runtime.resolve_device(name, field="finetune.device")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Parse a JSON file; unreadable or malformed files raise DwmlError naming the file."""
+    from .errors import DwmlError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DwmlError(f"{path}: unreadable {what} ({e})") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -46,15 +46,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device | None = "auto", field: str = "train.device") -> torch.device:
+    """`auto` (or None) = CUDA when present, else CPU; anything else is checked. `field` names it in errors."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise DwmlError(f"train.device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DwmlError(f"{field}: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DwmlError(f"train.device: {device!r} requested but no CUDA device is available")
+        raise DwmlError(f"{field}: {str(device)!r} requested but no CUDA device is available")
     return dev
 
 

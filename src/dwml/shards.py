@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import DwmlError
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json, write_json
 from .tokenizer import BOS_ID, EOS_ID, N_SPECIAL
 
 FORMAT = "dwml-shard-v1"
@@ -114,10 +113,7 @@ def load_meta(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
     if not path.is_file():
         raise DwmlError(f"{path}: not found (expected a directory written by `dwml prepare`)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DwmlError(f"{path}: unreadable ({e})") from None
+    meta = read_json(path, "meta.json")
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise DwmlError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                         f"expected {META_FORMAT!r}")
@@ -136,10 +132,7 @@ class Shard:
         for p in (header_path, bin_path, idx_path):
             if not p.is_file():
                 raise DwmlError(f"{p}: shard file not found (expected output of `dwml prepare`)")
-        try:
-            header = json.loads(header_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DwmlError(f"{header_path}: unreadable shard header ({e})") from None
+        header = read_json(header_path, "shard header")
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise DwmlError(f"{header_path}: not a {FORMAT} header")
         if header.get("dtype") not in DTYPES:

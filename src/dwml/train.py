@@ -285,7 +285,6 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     if t.compile:
         models = [torch.compile(m) for m in models]
     loss_fn = METHOD_LOSSES[method]
-    names = [n for n, _ in archs]
     params = [count_params(a) for _, a in archs]
 
     def forward_all(batch, train_mode: bool, modules=None):
