@@ -147,6 +147,71 @@ def dwml_loss(
     return total, parts
 
 
+_ROW_CHUNK = 32  # masked positions per chunk: keeps the (M, chunk, V) temporaries cache-sized
+
+
+def _chunk_softmaxes(zc: torch.Tensor, temperature: float):
+    """(log p at T=1, p at T=1, log p at T, p at T) of one chunk of logits (M, r, V)."""
+    log_p1 = F.log_softmax(zc, dim=-1)
+    p1 = log_p1.exp()
+    if temperature == 1.0:
+        return log_p1, p1, log_p1, p1
+    log_p = F.log_softmax(zc / temperature, dim=-1)
+    return log_p1, p1, log_p, log_p.exp()
+
+
+class _DetachedDWMLLoss(torch.autograd.Function):
+    """Eq. (2) with constant KL targets and its gradient in closed form, computed in cache-sized row chunks.
+
+    With the targets constant, peer i's KL terms collapse to a cross-entropy against the mixture of the others,
+    q_i = P - omega_i p_i with P = sum_j omega_j p_j, and sum_v p_i log p_i cancels against the matching teacher
+    entropy:
+
+        sum_{j != i} omega_j KL(p_j || p_i) = sum_j omega_j sum_v p_j log p_j - sum_v P log p_i
+        d/dz_i [eq. (2)] = (1 - alpha) omega_i (softmax(z_i) - onehot(y)) + alpha T (W p_i - P),   W = sum_j omega_j
+
+    (averaged over the N positions; p at temperature T). The vocabulary-sized work is what DWML adds to independent
+    training and it is memory-bound: autograd over whole (M, N, V) tensors spends its time allocating and streaming
+    temporaries, so both passes run over chunks of rows instead, and backward recomputes the softmaxes from z
+    rather than storing them.
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, w, alpha: float, temperature: float):
+        num_peers, n, _ = z.shape
+        ce = z.new_zeros(num_peers)
+        neg_entropy = z.new_zeros(num_peers)
+        cross = z.new_zeros(num_peers)
+        for start in range(0, n, _ROW_CHUNK):
+            zc, yc = z[:, start:start + _ROW_CHUNK], labels[start:start + _ROW_CHUNK]
+            log_p1, _, log_p, p = _chunk_softmaxes(zc, temperature)
+            ce -= log_p1.gather(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1)).sum((1, 2))
+            neg_entropy += (p * log_p).sum((1, 2))
+            cross += torch.einsum("rv,mrv->m", torch.einsum("m,mrv->rv", w, p), log_p)
+        ce, kl = ce / n, ((w * neg_entropy).sum() - cross) / n  # kl (M,): sum_{j != i} omega_j KL(p_j || p_i)
+        total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
+        ctx.save_for_backward(z, labels, w)
+        ctx.alpha, ctx.temperature = alpha, temperature
+        ctx.mark_non_differentiable(ce, kl)
+        return total, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_ce, grad_kl):
+        z, labels, w = ctx.saved_tensors
+        alpha, temperature = ctx.alpha, ctx.temperature
+        num_peers, n, _ = z.shape
+        ce_w = ((1.0 - alpha) * w).view(-1, 1, 1)
+        scale = grad_total / n
+        grad = torch.empty_like(z)
+        for start in range(0, n, _ROW_CHUNK):
+            zc, yc = z[:, start:start + _ROW_CHUNK], labels[start:start + _ROW_CHUNK]
+            _, p1, _, p = _chunk_softmaxes(zc, temperature)
+            g = ce_w * p1 + (alpha * temperature) * (w.sum() * p - torch.einsum("m,mrv->rv", w, p))
+            g.scatter_add_(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1), -ce_w.expand(-1, len(yc), 1))
+            grad[:, start:start + _ROW_CHUNK] = g * scale
+        return grad, None, None, None, None
+
+
 def dwml_inner_loss(
     logits_list: Sequence[torch.Tensor],
     labels: torch.Tensor,
@@ -154,34 +219,16 @@ def dwml_inner_loss(
     alpha: float,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. (2) with detached KL targets, in O(M) passes over the (N, V) logits instead of the M^2 of `dwml_loss`.
-
-    Same value and gradients as `dwml_loss(..., detach_targets=True)` (tested), for the inner loop's hot path. With
-    the targets constant, peer i's KL terms collapse to one cross-entropy against the mixture of the other peers:
-
-        sum_{j != i} omega_j KL(p_j || p_i) = sum_{j != i} omega_j sum_v p_j log p_j  -  sum_v q_i log p_i,
-        q_i = P - omega_i p_i,   P = sum_j omega_j p_j
-
-    so each peer needs one product with its own log-probabilities; the targets P, q_i and the entropies are built
-    once, without autograd. parts: "ce" (M,) and "kl" (M,) = sum_{j != i} omega_j KL(p_j || p_i) per student i.
+    """Eq. (2) with detached KL targets, for the inner loop's hot path: the same value and gradients as
+    `dwml_loss(..., detach_targets=True)` (tested), with the gradient in closed form (`_DetachedDWMLLoss`) and O(M)
+    instead of O(M^2) passes over the (N, V) logits. parts: "ce" (M,) and "kl" (M,) = sum_{j != i} omega_j
+    KL(p_j || p_i) per student i.
     """
     _check_alpha_temperature(alpha, temperature)
     z = torch.stack([_upcast(x) for x in logits_list])  # (M, N, V)
-    num_peers, n = z.shape[0], z.shape[1]
-    require(omega.shape == (num_peers,), f"omega: expected shape ({num_peers},), got {tuple(omega.shape)}")
-    w = omega.to(z.dtype)
-    log_p1 = F.log_softmax(z, dim=-1)
-    ce = -log_p1.gather(-1, labels.view(1, n, 1).expand(num_peers, n, 1)).squeeze(-1).mean(1)
-    log_p = log_p1 if temperature == 1.0 else F.log_softmax(z / temperature, dim=-1)
-    with torch.no_grad():
-        p = log_p.exp()
-        neg_entropy = (p * log_p).sum((1, 2)) / n  # (M,) sum_v p_j log p_j, averaged over positions
-        mix = torch.einsum("m,mnv->nv", w, p)  # P
-        teacher_const = (w * neg_entropy).sum() - w * neg_entropy  # sum_{j != i} omega_j sum_v p_j log p_j
-    cross = torch.stack([((mix - w[i] * p[i]) * log_p[i]).sum() for i in range(num_peers)]) / n
-    kl = teacher_const - cross
-    total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
-    return total, {"ce": ce.detach(), "kl": kl.detach()}
+    require(omega.shape == (z.shape[0],), f"omega: expected shape ({z.shape[0]},), got {tuple(omega.shape)}")
+    total, ce, kl = _DetachedDWMLLoss.apply(z, labels, omega.detach().to(z.dtype), float(alpha), float(temperature))
+    return total, {"ce": ce, "kl": kl}
 
 
 def kd_dwml_loss(
