@@ -250,13 +250,13 @@ def test_bad_values_raise_dwml_error():
         dwml_loss(logits, labels, tensor([0.2, 0.3, 0.5]), 0.5)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_dwml_inner_loss_equals_pairwise_dwml_loss(temperature):
+@pytest.mark.parametrize("temperature, n", [(1.0, 7), (2.0, 7), (1.0, 100), (0.5, 100)])
+def test_dwml_inner_loss_equals_pairwise_dwml_loss(temperature, n):
     from dwml.losses import dwml_inner_loss
 
     torch.manual_seed(0)
-    zs = [torch.randn(7, 11, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    labels = torch.randint(0, 11, (7,))
+    zs = [torch.randn(n, 11, dtype=torch.float64, requires_grad=True) for _ in range(3)]  # n = 100: several chunks
+    labels = torch.randint(0, 11, (n,))
     omega = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     ref, ref_parts = dwml_loss(zs, labels, omega, 0.4, temperature, detach_targets=True)
     ref_grads = torch.autograd.grad(ref, zs)
