@@ -33,8 +33,8 @@ def register(sub) -> None:
     p.add_argument("--peers", type=int, default=3, help="number of DWML peers (>= 2)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (quick runs)")
-    p.add_argument("--eval-limit", type=int, default=None,
-                   help="pairs per evaluation file (default: the whole fast subsets)")
+    p.add_argument("--eval-limit", type=int, default=20,
+                   help="pairs per evaluation file (default 20: ~1,600 pairs per model; 0 = the whole fast subsets)")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation")
     p.set_defaults(func=run_demo)
 
@@ -100,7 +100,7 @@ def run_demo(args) -> int:
         print("[5/5] zero-shot evaluation on blimp_fast, supplement_fast, ewok_fast")
         tasks = ["blimp_fast", "supplement_fast", "ewok_fast"]
         for name in ("mlm", "dwml"):
-            res = evaluate_path(out / name, tasks, limit=args.eval_limit, out_file=out / f"eval_{name}.json")
+            res = evaluate_path(out / name, tasks, limit=args.eval_limit or None, out_file=out / f"eval_{name}.json")
             scores[name] = res
             print(format_results(res))
 

@@ -332,9 +332,12 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     if results.get("description"):
         out += [results["description"], ""]
     pending = [r["name"] for r in results["runs"] if not r.get("alias_of") and not r.get("models")]
+    train_s = sum((r.get("timing") or {}).get("wall_s") or 0 for r in runs)
     out.append(f"Config `{results.get('config_file', '')}`; {len(runs)} trained runs"
                + (f", not trained yet: {', '.join(pending)}" if pending else "")
-               + (f"; experiment wall time {results['wall_time_s']:.0f} s" if results.get("wall_time_s") else "")
+               + (f"; this invocation took {results['wall_time_s']:.0f} s (finished stages are skipped)"
+                  if results.get("wall_time_s") is not None else "")
+               + (f"; training wall time summed over runs {train_s:.0f} s" if train_s else "")
                + ".")
     host = results.get("host") or {}
     if host:
