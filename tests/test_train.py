@@ -57,6 +57,7 @@ def test_killed_run_resumes_exactly(tiny_prepared, tmp_path, method):
     assert not (tmp_path / "killed" / "final").exists()
     resumed = train(make_cfg(tiny_prepared, tmp_path / "killed", **extra))
     assert resumed["peers"] == whole["peers"]  # validation losses identical to the last bit
+    assert resumed["initial_valid_loss"] == whole["initial_valid_loss"]
     assert resumed["omega"] == whole["omega"]
     for peer in range(len(whole["peers"])):
         a, b = _final_weights(tmp_path / "whole", peer), _final_weights(tmp_path / "killed", peer)

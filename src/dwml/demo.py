@@ -102,12 +102,30 @@ def run_demo(args) -> int:
         for name in ("mlm", "dwml"):
             res = evaluate_path(out / name, tasks, limit=args.eval_limit or None, out_file=out / f"eval_{name}.json")
             scores[name] = res
-            print(format_results(res))
+            print(format_results(res, groups=False))
 
     print()
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {out}/")
-    print(f"  MLM baseline valid loss: {mlm['initial_valid_loss'][0]:.3f} (init) -> {mlm['peers'][0]['valid_loss']:.3f}")
-    for p, init in zip(dwml["peers"], dwml["initial_valid_loss"] or [float('nan')] * len(dwml["peers"])):
-        print(f"  DWML {p['name']:<6} ({p['params']:>9,} params) valid loss: {init:.3f} (init) -> {p['valid_loss']:.3f}")
-    print("  final omega: [" + ", ".join(f"{w:.3f}" for w in dwml["omega"]) + "]")
+    print(results_table(mlm, dwml, scores))
+    print("final omega: [" + ", ".join(f"{w:.3f}" for w in dwml["omega"]) + "]")
     return 0
+
+
+def results_table(mlm: dict, dwml: dict, scores: dict) -> str:
+    """One row per model: parameters, omega, validation loss before -> after, zero-shot accuracies."""
+    tasks = ["blimp_fast", "supplement_fast", "ewok_fast"]
+    head = f"{'model':<16}{'params':>10}{'omega':>7}  {'valid loss':<15}" + "".join(f"{t:>17}" for t in tasks)
+    lines = [head, "-" * len(head)]
+    rows = [("mlm", "peer0", mlm, 0)] + [("dwml", f"peer{i}", dwml, i) for i in range(len(dwml["peers"]))]
+    rows.append(("dwml", "ensemble", dwml, None))
+    for run, model, summary, i in rows:
+        acc = scores.get(run, {}).get("models", {}).get(model, {}).get("summary", {})
+        if i is None:
+            params, omega = sum(p["params"] for p in summary["peers"]), "-"
+            loss = f"{summary['valid_ensemble_loss']:.3f}"
+        else:
+            params, omega = summary["peers"][i]["params"], f"{summary['omega'][i]:.3f}"
+            loss = f"{summary['initial_valid_loss'][i]:.3f} -> {summary['peers'][i]['valid_loss']:.3f}"
+        lines.append(f"{run + ' ' + model:<16}{params:>10,}{omega:>7}  {loss:<15}"
+                     + "".join(f"{acc[t]:>17.1f}" if t in acc else f"{'-':>17}" for t in tasks))
+    return "\n".join(lines)

@@ -250,7 +250,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=learn_omega)
 
     # Resume from the newest checkpoint, if any.
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, initial_valid = 0, 0.0, None
     ckpts = list_checkpoints(run_dir) if resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1])
@@ -269,6 +269,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        initial_valid = state.get("initial_valid_loss")
     elif resume and run_dir.exists() and (run_dir / "final" / "summary.json").is_file():
         pass  # a finished run without checkpoints is simply trained again below
     if rt.is_master:
@@ -332,6 +333,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             "rng": _gather_rng(rt),
             "config": config_mod.to_toml(cfg),
             "elapsed_s": elapsed(),
+            "initial_valid_loss": initial_valid,
         }
         if rt.is_master:
             save_checkpoint(run_dir, step_now, state)
@@ -341,8 +343,6 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         first = validate()
         log.write(step=0, **first, omega=omega.omega.tolist())
         initial_valid = first["valid_loss"]
-    else:
-        initial_valid = None
 
     loop_start = time.perf_counter()
 
