@@ -33,11 +33,13 @@ def loop_seconds(run_dir: Path) -> tuple[float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--peers", type=int, default=3)
+    ap.add_argument("--peers", type=int, default=3, help="use the first P of --hidden")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--hidden", default="64,48,32",
+                    help="hidden sizes of the peers (2 layers, head width 32, intermediate 4x); default: below tiny")
     ap.add_argument("--prepared", help="prepared data dir (default: prepare 20k docs of ../shared/data/corpus)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,8 +47,9 @@ def main() -> int:
     prepared = Path(args.prepared) if args.prepared else tmp / "data"
     if not args.prepared:
         prepare([default_corpus_path()], prepared, vocab_size=8192, max_docs=20000)
-    # Peers of the sizes the search gives for the tiny reference (N/2, N/3, N/4 ...), by hidden size.
-    peers = [{"layers": 2, "heads": 2, "hidden": h, "intermediate": 4 * h} for h in (64, 48, 32, 32, 16)[: args.peers]]
+    # Default: peers about N/2, N/3, N/4 of the tiny preset (by hidden size); --hidden 256,192,128 for larger ones.
+    sizes = [int(h) for h in args.hidden.split(",")]
+    peers = [{"layers": 2, "heads": max(1, h // 32), "hidden": h, "intermediate": 4 * h} for h in sizes][: args.peers]
     K = DistillConfig().outer_every
     base = {
         "data": {"prepared": str(prepared), "seq_len": args.seq_len},
