@@ -11,6 +11,8 @@ from dwml.errors import DwmlError
 from dwml.evaldata import EWOK_ZIP, load_ewok_zip, load_task, parse_tasks
 from evalfixtures import EVAL_DATA
 
+pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
+
 EWOK_DOMAINS = {"agent-properties", "material-dynamics", "material-properties", "physical-dynamics",
                 "physical-interactions", "physical-relations", "quantitative-properties", "social-interactions",
                 "social-properties", "social-relations", "spatial-relations"}

@@ -15,6 +15,8 @@ from dwml.evaldata import MinimalPair, load_task
 from dwml.evaluate import evaluate_model, evaluate_path, find_models, format_report, register, score_pairs, summarize
 from evalfixtures import EVAL_DATA, make_model, make_tokenizer, save_run
 
+pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
+
 torch.set_num_threads(1)
 
 

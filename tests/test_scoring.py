@@ -10,7 +10,9 @@ from transformers.modeling_outputs import MaskedLMOutput
 from dwml.errors import DwmlError
 from dwml.scoring import (PeerEnsemble, build_masked_copies, masked_log_probs, score_sentences,
                           score_sentences_naive)
-from evalfixtures import blimp_sentences, make_model, make_tokenizer
+from evalfixtures import EVAL_DATA, blimp_sentences, make_model, make_tokenizer
+
+pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
 
 torch.set_num_threads(1)
 
