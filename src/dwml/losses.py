@@ -172,8 +172,7 @@ class _DetachedDWMLLoss(torch.autograd.Function):
 
     (averaged over the N positions; p at temperature T). The vocabulary-sized work is what DWML adds to independent
     training and it is memory-bound: autograd over whole (M, N, V) tensors spends its time allocating and streaming
-    temporaries, so both passes run over chunks of rows instead, and backward recomputes the softmaxes from z
-    rather than storing them.
+    temporaries, so the value and the gradient are formed together over chunks of rows instead.
     """
 
     @staticmethod
@@ -182,34 +181,34 @@ class _DetachedDWMLLoss(torch.autograd.Function):
         ce = z.new_zeros(num_peers)
         neg_entropy = z.new_zeros(num_peers)
         cross = z.new_zeros(num_peers)
+        # The gradient needs the same softmaxes as the value, so it is formed here, chunk by chunk, while they are
+        # in cache; backward only scales it.
+        grad = torch.empty_like(z)
+        ce_w = ((1.0 - alpha) * w).view(-1, 1, 1)
         for start in range(0, n, _ROW_CHUNK):
-            zc, yc = z[:, start:start + _ROW_CHUNK], labels[start:start + _ROW_CHUNK]
-            log_p1, _, log_p, p = _chunk_softmaxes(zc, temperature)
-            ce -= log_p1.gather(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1)).sum((1, 2))
+            rows = slice(start, start + _ROW_CHUNK)
+            zc, yc = z[:, rows], labels[rows]
+            log_p1, p1, log_p, p = _chunk_softmaxes(zc, temperature)
+            index = yc.view(1, -1, 1).expand(num_peers, -1, 1)
+            ce -= log_p1.gather(-1, index).sum((1, 2))
             neg_entropy += (p * log_p).sum((1, 2))
-            cross += torch.einsum("rv,mrv->m", torch.einsum("m,mrv->rv", w, p), log_p)
+            mix = torch.einsum("m,mrv->rv", w, p)
+            cross += torch.einsum("rv,mrv->m", mix, log_p)
+            g = grad[:, rows]
+            torch.mul(p1, ce_w, out=g)
+            g.add_(w.sum() * p - mix, alpha=alpha * temperature)
+            g.scatter_add_(-1, index, -ce_w.expand(-1, len(yc), 1))
         ce, kl = ce / n, ((w * neg_entropy).sum() - cross) / n  # kl (M,): sum_{j != i} omega_j KL(p_j || p_i)
         total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
-        ctx.save_for_backward(z, labels, w)
-        ctx.alpha, ctx.temperature = alpha, temperature
+        ctx.save_for_backward(grad)
+        ctx.n = n
         ctx.mark_non_differentiable(ce, kl)
         return total, ce, kl
 
     @staticmethod
     def backward(ctx, grad_total, grad_ce, grad_kl):
-        z, labels, w = ctx.saved_tensors
-        alpha, temperature = ctx.alpha, ctx.temperature
-        num_peers, n, _ = z.shape
-        ce_w = ((1.0 - alpha) * w).view(-1, 1, 1)
-        scale = grad_total / n
-        grad = torch.empty_like(z)
-        for start in range(0, n, _ROW_CHUNK):
-            zc, yc = z[:, start:start + _ROW_CHUNK], labels[start:start + _ROW_CHUNK]
-            _, p1, _, p = _chunk_softmaxes(zc, temperature)
-            g = ce_w * p1 + (alpha * temperature) * (w.sum() * p - torch.einsum("m,mrv->rv", w, p))
-            g.scatter_add_(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1), -ce_w.expand(-1, len(yc), 1))
-            grad[:, start:start + _ROW_CHUNK] = g * scale
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_total / ctx.n), None, None, None, None
 
 
 def dwml_inner_loss(
