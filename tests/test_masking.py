@@ -149,3 +149,15 @@ def test_stream_over_prepared_data(tiny_prepared):
     batch = next(stream)
     assert batch.input_ids.shape[0] == 8 and batch.input_ids.shape[1] <= 64
     assert (batch.input_ids[:, 0] == 0).all() and batch.positions.numel() > 0
+
+
+def test_batch_head_keeps_the_masked_positions_of_its_rows():
+    from dwml.masking import MaskedBatch
+
+    ids = torch.arange(24).view(4, 6)
+    batch = MaskedBatch(ids, torch.ones_like(ids), torch.tensor([1, 5, 7, 13, 20]), torch.tensor([1, 5, 7, 13, 20]))
+    head = batch.head(2)
+    assert head.input_ids.shape == (2, 6)
+    assert head.positions.tolist() == [1, 5, 7] and head.labels.tolist() == [1, 5, 7]
+    assert torch.equal(head.input_ids.flatten()[head.positions], head.labels)
+    assert batch.head(9) is batch

@@ -76,7 +76,8 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the distillation terms, eq. (2)
     temperature: float = 1.0
     outer_every: int = 20  # K: inner steps between outer (omega) steps; an outer step costs ~3 inner steps
-    heldout_batch_size: int = 0  # sequences per held-out batch of L2; 0 = half the train batch
+    heldout_batch_size: int = 0  # sequences per outer-step batch (L2 held-out, and L1 on the first rows of the
+    #                             last train batch); 0 = half the train batch
     eta: float = 0.5  # mirror-descent step size, eq. (4)
     eta_schedule: str = "inv_sqrt"  # constant | inv_sqrt (eta / sqrt(t)) | cosine (to eta_min at the last step)
     eta_min: float = 0.0

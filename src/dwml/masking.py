@@ -30,6 +30,13 @@ class MaskedBatch:
         return MaskedBatch(*(t.to(device, non_blocking=non_blocking) for t in
                              (self.input_ids, self.attention_mask, self.positions, self.labels)))
 
+    def head(self, rows: int) -> "MaskedBatch":
+        """The first `rows` sequences with their masked positions (flat indices stay valid: rows come first)."""
+        if rows >= self.input_ids.shape[0]:
+            return self
+        keep = self.positions < rows * self.input_ids.shape[1]
+        return MaskedBatch(self.input_ids[:rows], self.attention_mask[:rows], self.positions[keep], self.labels[keep])
+
     @property
     def n_tokens(self) -> int:
         """Non-pad tokens in the batch."""
