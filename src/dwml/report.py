@@ -420,16 +420,23 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def _panels(n: int, width: float, height: float):
+    """A figure with n panels in rows of at most 3 (unused grid cells hidden): (fig, list of n axes)."""
+    cols = min(3, n)
+    fig = _figure(width * cols, height * math.ceil(n / cols))
+    axes = list(fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def plot_omega(results: dict, path: str | Path) -> bool:
     """Figure 3: one panel per learned-omega run, one line per peer. False (nothing written) without such runs."""
     runs = [r for r in done_runs(results) if r.get("omega_trajectory", {}).get("outer_step")]
     if not runs:
         return False
-    cols = min(3, len(runs))
-    rows = math.ceil(len(runs) / cols)
-    fig = _figure(4.2 * cols, 3.2 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, run in zip(axes.flat, runs):
+    fig, axes = _panels(len(runs), 4.2, 3.2)
+    for ax, run in zip(axes, runs):
         traj = run["omega_trajectory"]
         names = [r for r in run["models"] if r["name"] != "ensemble"]
         for i in range(len(traj["omega"][0])):
@@ -440,8 +447,6 @@ def plot_omega(results: dict, path: str | Path) -> bool:
         ax.set_ylabel("ω")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(runs):]:
-        ax.set_visible(False)
     _save(fig, Path(path))
     return True
 
@@ -462,11 +467,8 @@ def plot_ablations(results: dict, path: str | Path) -> bool:
         panels.append(("omega", corr))
     if not panels:
         return False
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(4.2 * cols, 3.4 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (kind, data) in zip(axes.flat, panels):
+    fig, axes = _panels(len(panels), 4.2, 3.4)
+    for ax, (kind, data) in zip(axes, panels):
         if kind == "sweep":
             base, axis, points = data
             categorical = any(isinstance(p["value"], (bool, str)) for p in points)
@@ -497,8 +499,6 @@ def plot_ablations(results: dict, path: str | Path) -> bool:
         ax.grid(alpha=0.3)
         if kind != "omega":
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
     _save(fig, Path(path))
     return True
 
