@@ -270,14 +270,12 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
         initial_valid = state.get("initial_valid_loss")
-    elif resume and run_dir.exists() and (run_dir / "final" / "summary.json").is_file():
-        pass  # a finished run without checkpoints is simply trained again below
     if rt.is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", step if ckpts else None, rt.is_master)
 
-    # DDP wraps each student so its gradients are all-reduced in backward; `core` is the bare module.
+    # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
     models = students
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
