@@ -176,39 +176,41 @@ class _DetachedDWMLLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, labels, w, alpha: float, temperature: float):
-        num_peers, n, _ = z.shape
-        ce = z.new_zeros(num_peers)
-        neg_entropy = z.new_zeros(num_peers)
-        cross = z.new_zeros(num_peers)
+    def forward(ctx, labels, w, alpha: float, temperature: float, *zs):
+        # zs: the M peers' (N, V) logits, kept separate: stacking them would copy M x N x V floats each step.
+        num_peers, n = len(zs), zs[0].shape[0]
+        ce = zs[0].new_zeros(num_peers)
+        neg_entropy = zs[0].new_zeros(num_peers)
+        cross = zs[0].new_zeros(num_peers)
         # The gradient needs the same softmaxes as the value, so it is formed here, chunk by chunk, while they are
         # in cache; backward only scales it.
-        grad = torch.empty_like(z)
+        grads = [torch.empty_like(z) for z in zs]
         ce_w = ((1.0 - alpha) * w).view(-1, 1, 1)
         for start in range(0, n, _ROW_CHUNK):
             rows = slice(start, start + _ROW_CHUNK)
-            zc, yc = z[:, rows], labels[rows]
+            zc, yc = torch.stack([z[rows] for z in zs]), labels[rows]
             log_p1, p1, log_p, p = _chunk_softmaxes(zc, temperature)
             index = yc.view(1, -1, 1).expand(num_peers, -1, 1)
             ce -= log_p1.gather(-1, index).sum((1, 2))
             neg_entropy += (p * log_p).sum((1, 2))
             mix = torch.einsum("m,mrv->rv", w, p)
             cross += torch.einsum("rv,mrv->m", mix, log_p)
-            g = grad[:, rows]
-            torch.mul(p1, ce_w, out=g)
+            g = torch.mul(p1, ce_w)
             g.add_(w.sum() * p - mix, alpha=alpha * temperature)
             g.scatter_add_(-1, index, -ce_w.expand(-1, len(yc), 1))
+            for grad, gi in zip(grads, g):
+                grad[rows] = gi
         ce, kl = ce / n, ((w * neg_entropy).sum() - cross) / n  # kl (M,): sum_{j != i} omega_j KL(p_j || p_i)
         total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(*grads)
         ctx.n = n
         ctx.mark_non_differentiable(ce, kl)
         return total, ce, kl
 
     @staticmethod
     def backward(ctx, grad_total, grad_ce, grad_kl):
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_total / ctx.n), None, None, None, None
+        scale = grad_total / ctx.n
+        return (None, None, None, None, *(g * scale for g in ctx.saved_tensors))
 
 
 def dwml_inner_loss(
@@ -224,9 +226,10 @@ def dwml_inner_loss(
     KL(p_j || p_i) per student i.
     """
     _check_alpha_temperature(alpha, temperature)
-    z = torch.stack([_upcast(x) for x in logits_list])  # (M, N, V)
-    require(omega.shape == (z.shape[0],), f"omega: expected shape ({z.shape[0]},), got {tuple(omega.shape)}")
-    total, ce, kl = _DetachedDWMLLoss.apply(z, labels, omega.detach().to(z.dtype), float(alpha), float(temperature))
+    zs = [_upcast(x) for x in logits_list]
+    require(omega.shape == (len(zs),), f"omega: expected shape ({len(zs)},), got {tuple(omega.shape)}")
+    total, ce, kl = _DetachedDWMLLoss.apply(labels, omega.detach().to(zs[0].dtype), float(alpha),
+                                            float(temperature), *zs)
     return total, {"ce": ce, "kl": kl}
 
 
