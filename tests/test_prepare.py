@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 import dwml.prepare as prep
 from dwml.errors import DwmlError
-from dwml.prepare import default_corpus_path, format_summary, load_meta, prepare, register
+from dwml.prepare import default_corpus_path, format_summary, prepare, register
+from dwml.shards import load_meta
 from dwml.shards import Shard
 from dwml.tokenizer import load_raw, train_tokenizer
 

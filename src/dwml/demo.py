@@ -49,6 +49,7 @@ def run_demo(args) -> int:
     from .model import count_params, get_preset
     from .prepare import default_corpus_path, prepare
     from .search import SearchConfig, run_search_to_file
+    from .shards import load_meta
     from .train import train
     from .trainer_cli import format_summary
 
@@ -63,8 +64,7 @@ def run_demo(args) -> int:
         print("      (reusing the prepared data)")
     else:
         prepare(inputs, prepared, vocab_size=args.vocab_size, max_docs=args.max_docs)
-    meta = json.loads((prepared / "meta.json").read_text())
-    vocab = int(meta["vocab_size"])
+    vocab = int(load_meta(prepared)["vocab_size"])
 
     # Peers: Bayesian-optimisation search for p architectures of N/2, N/3, ... the tiny preset's parameters.
     print(f"[2/5] search {args.peers} peer architectures below the tiny preset")

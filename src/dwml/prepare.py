@@ -19,7 +19,6 @@ from .corpus import Document, count_words, discover_files, group_by_source, read
 from .errors import DwmlError
 from .io import atomic_dir, write_json, write_text
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
-from .shards import load_meta  # noqa: F401  (re-exported: meta.json is read where shards are)
 from .tokenizer import DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer
 
 SPLITS = ("train", "valid")
