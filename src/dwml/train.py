@@ -312,7 +312,8 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             logits = [o[0].float() for o in outs]
             for i, z in enumerate(logits):
                 sums[i] += mlm_loss(z, vb.labels).item()
-            sums[-1] += ensemble_loss(logits, vb.labels, omega.omega.to(rt.device), kind="ensemble").item()
+            if n_students > 1:  # the ensemble of one model is that model
+                sums[-1] += ensemble_loss(logits, vb.labels, omega.omega.to(rt.device), kind="ensemble").item()
         sums /= len(batches.valid)
         out = {"valid_loss": sums[:-1].tolist()}
         if n_students > 1:
