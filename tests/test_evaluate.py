@@ -158,3 +158,17 @@ def test_cli_prints_table_and_writes_json(tmp_path, tok, capsys):
     printed = capsys.readouterr().out
     assert "supplement_fast" in printed and "turn_taking" in printed
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # atomic write leaves no temp files
+
+
+def test_item_record_round_trips_outcomes_in_pair_order():
+    from dwml.evaldata import MinimalPair
+    from dwml.evaluate import item_outcomes, summarize
+
+    pairs = [MinimalPair(good=f"g{i}", bad=f"b{i}", group="ab"[i % 2], field="f") for i in range(5)]
+    good, bad = [1.0, 0.0, 2.0, 1.0, -1.0], [0.0, 0.0, 3.0, 0.5, -2.0]
+    res = summarize(pairs, good, bad)
+    correct, tie, group, names = item_outcomes(res)
+    assert correct.tolist() == [True, False, False, True, True]
+    assert tie.tolist() == [False, True, False, False, False]
+    assert [names[g] for g in group] == ["a", "b", "a", "b", "a"]
+    assert int(correct.sum()) == res["correct"]

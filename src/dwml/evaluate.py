@@ -63,11 +63,33 @@ def summarize(pairs: Sequence[MinimalPair], good: Sequence[float], bad: Sequence
         by_field[pair.field].append(outcome)
     groups = {name: _counts(v) for name, v in sorted(by_group.items())}
     result = _counts(outcomes)
+    result["items"] = item_record(pairs, outcomes, list(groups))
     result["macro_accuracy"] = sum(g["accuracy"] for g in groups.values()) / len(groups)
     result["groups"] = groups
     if len(by_field) > 1:
         result["fields"] = {name: _counts(v) for name, v in sorted(by_field.items())}
     return result
+
+
+def item_record(pairs: Sequence[MinimalPair], outcomes: list[tuple[bool, bool]], group_names: list[str]) -> dict:
+    """Per-pair outcomes in the order of `pairs`, compactly (a 60k-pair task stays ~200 kB of JSON), for paired
+    statistics between models scored on the same items (`item_outcomes` reads it back)."""
+    index = {g: i for i, g in enumerate(group_names)}
+    return {"correct": "".join("1" if c else "0" for c, _ in outcomes),
+            "tie": "".join("1" if t else "0" for _, t in outcomes),
+            "group_names": group_names, "group": [index[p.group] for p in pairs]}
+
+
+def item_outcomes(task_result: dict) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", list[str]]:
+    """(correct bool[n], tie bool[n], group index int[n], group names) of one task's result from `summarize`."""
+    import numpy as np
+
+    items = task_result.get("items")
+    if not items:
+        raise DwmlError("evaluation result has no per-item outcomes (written by an older dwml); re-run dwml eval")
+    correct = np.frombuffer(items["correct"].encode("ascii"), dtype=np.uint8) == ord("1")
+    tie = np.frombuffer(items["tie"].encode("ascii"), dtype=np.uint8) == ord("1")
+    return correct, tie, np.asarray(items["group"], dtype=np.int64), list(items["group_names"])
 
 
 def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll", token_budget: int | None = None,

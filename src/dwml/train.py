@@ -8,7 +8,6 @@ stream positions, RNG states) is in the checkpoint, so a killed run continues ex
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -29,6 +28,7 @@ from .errors import DwmlError
 from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
+from .metrics import MetricsLog
 from .masking import BatchStream
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
 from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset
@@ -133,29 +133,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept: list[str] = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a killed run
-        write_text(path, "".join(x + "\n" for x in kept))
-
-    def write(self, **record: Any) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 @dataclass
