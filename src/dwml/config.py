@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.schedule)
 
 
 @dataclass
@@ -28,6 +29,9 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
+    # Validation masks at this fixed rate whatever mask_prob trains with, so validation losses of recipes with
+    # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
+    eval_mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
 
 
@@ -52,8 +56,10 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warm-up: cosine | linear | trapezoid | constant (dwml.schedule)
+    cooldown_fraction: float = 0.2  # trapezoid: the last fraction of max_steps decays linearly, the rest is flat
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
@@ -121,9 +127,15 @@ class RunConfig:
         _check(t.grad_accum >= 1, f"train.grad_accum: expected >= 1, got {t.grad_accum}")
         _check(t.lr > 0, f"train.lr: expected > 0, got {t.lr}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
+        _check(t.warmup_steps >= 0, f"train.warmup_steps: expected >= 0, got {t.warmup_steps}")
+        _check(t.schedule in SCHEDULES, f"train.schedule: expected one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
+        _check(0.0 < t.cooldown_fraction <= 1.0,
+               f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(0.0 < self.data.eval_mask_prob < 1.0,
+               f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:

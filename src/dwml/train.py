@@ -32,7 +32,9 @@ from .metrics import MetricsLog
 from .masking import BatchStream
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
 from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset
+from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
+from .schedule import lr_factor
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
 
@@ -75,14 +77,6 @@ def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-
-
-def lr_factor(step: int, t) -> float:
-    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
@@ -160,7 +154,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     bs = min(t.eval_batch_size, len(report))
     if bs < 1:
         raise DwmlError(f"{prepared}: valid split is empty")
-    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, **common)
+    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
+    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
+                          mask_prob=dcfg.eval_mask_prob)
     n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
     valid = [next(vstream) for _ in range(n_valid)]
     heldout = None
@@ -203,6 +199,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     meta = load_meta(prepared)
     vocab_size = int(meta["vocab_size"])
     tokenizer_dir = prepared / "tokenizer"
+    unigram = train_unigram_entropy(prepared, meta)  # the "frequencies only" loss, reported next to valid loss
     archs = resolve_archs(cfg, vocab_size)
     n_students = len(archs)
 
@@ -317,7 +314,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 
     if step == 0 and rt.is_master:
         first = validate()
-        log.write(step=0, **first, omega=omega.omega.tolist())
+        log.write(step=0, **first, unigram_entropy=unigram, omega=omega.omega.tolist())
         initial_valid = first["valid_loss"]
 
     loop_start = time.perf_counter()
@@ -401,8 +398,9 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         if step % t.eval_every == 0 or step == t.max_steps:
             if rt.is_master:
                 v = validate()
-                log.write(step=step, **v, omega=omega.omega.tolist())
-                bar.write(f"step {step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"]))
+                log.write(step=step, **v, unigram_entropy=unigram, omega=omega.omega.tolist())
+                bar.write(f"step {step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"])
+                          + f" (unigram entropy {unigram:.4f})")
         if step % t.save_every == 0 or step == t.max_steps:
             save(step)
         bar.update(1)
@@ -419,15 +417,18 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     summary = {}
     if rt.is_master:
         final = validate()
+        history = valid_history(run_dir / "metrics.jsonl", n_students)
+        exits = [plateau_exit_step(h + [(step, v)], unigram) for h, v in zip(history, final["valid_loss"])]
         summary = {
             "method": method,
             "steps": step,
             "omega": omega.omega.tolist(),
             "omega_learned": learn_omega,
             "peers": [
-                {"name": n, "arch": a.to_dict(), "params": p, "valid_loss": v}
-                for (n, a), p, v in zip(archs, params, final["valid_loss"])
+                {"name": n, "arch": a.to_dict(), "params": p, "valid_loss": v, "plateau_exit_step": x}
+                for (n, a), p, v, x in zip(archs, params, final["valid_loss"], exits)
             ],
+            "unigram_entropy": unigram,
             "initial_valid_loss": initial_valid,
             "train_seconds": elapsed(),
             "train_tokens": int(batches.train.tokens_seen) * rt.world_size,
