@@ -78,12 +78,16 @@ def valid_history(metrics_path: str | Path, n_students: int) -> list[list[tuple[
 def describe(valid_loss: float, entropy: float, exit_step: int | None) -> str:
     """One plain sentence: how far below the unigram entropy a model got."""
     gap = entropy - valid_loss
-    where = (f"left the plateau (-{PLATEAU_MARGIN:g} nats) at step {exit_step}" if exit_step is not None
-             else f"never got {PLATEAU_MARGIN:g} nats below it")
-    if gap < 0.05:
+    where = (f"left the plateau ({PLATEAU_MARGIN:g} nats below) at step {exit_step}" if exit_step is not None
+             else f"never {PLATEAU_MARGIN:g} nats below it")
+    if gap < -0.05:
+        verdict = "above the unigram entropy: it has not even learned the token frequencies yet"
+    elif gap < 0.05:
         verdict = "on the unigram plateau: it has learned token frequencies only"
     elif gap < PLATEAU_MARGIN:
         verdict = "barely below the unigram plateau"
     else:
         verdict = "off the unigram plateau: it uses context"
-    return f"valid loss {valid_loss:.3f} vs unigram entropy {entropy:.3f} ({gap:+.3f} nats below): {verdict}; {where}"
+    side = "below" if gap >= 0 else "above"
+    return (f"valid loss {valid_loss:.3f} = {abs(gap):.3f} nats {side} the unigram entropy {entropy:.3f}: {verdict}; "
+            f"{where}")
