@@ -42,6 +42,11 @@ BASELINE = {
 VARIANTS: list[tuple[str, str, dict]] = [
     ("baseline", "issue 9's reference: post-LN, lr 3e-3, warm-up 100, cosine, dropout 0.1, mask 15%, batch 32", {}),
     ("nodrop_bs16", "dropout 0, batch 16 (2x the steps)", {"model.dropout": 0.0, "train.batch_size": 16}),
+    ("hilr_linear", "dropout 0, peak lr 8e-3, linear decay to 0",
+     {"model.dropout": 0.0, "train.lr": 8e-3, "train.schedule": "linear", "train.min_lr_ratio": 0.0}),
+    ("hilr_linear_mask30", "dropout 0, peak lr 8e-3, linear decay to 0, 30% masking",
+     {"model.dropout": 0.0, "train.lr": 8e-3, "train.schedule": "linear", "train.min_lr_ratio": 0.0,
+      "data.mask_prob": 0.3}),
 ]
 
 TOKENS = 1200 * 32 * 128  # issue 9's CPU reference budget: 1,200 steps of 32 x 128
