@@ -28,7 +28,7 @@ from .errors import DwmlError
 from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
-from .masking import BatchStream, MaskedBatch
+from .masking import BatchStream, MaskedBatch, Prefetcher
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
 from .metrics import MetricsLog
 from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
@@ -70,11 +70,13 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
 
 
 def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay."""
+    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay. On CUDA the fused kernel (one
+    launch for all parameters instead of several per tensor); the CPU has no fused AdamW worth using."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
 
 
 def lr_factor(step: int, t) -> float:
@@ -119,6 +121,9 @@ class _Subset:
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
+    def gather(self, indices: np.ndarray, pad_id: int):
+        return self.base.gather(self.indices[np.asarray(indices)], pad_id)
+
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -137,8 +142,8 @@ def _set_rng_state(state: dict) -> None:
 
 @dataclass
 class Batches:
-    train: BatchStream
-    heldout: BatchStream | None
+    train: BatchStream | Prefetcher
+    heldout: BatchStream | Prefetcher | None
     valid: list  # fixed MaskedBatches for reporting
 
 
@@ -197,9 +202,17 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
 
 
 def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
-    """The loop. Each phase is one method of `Trainer`; this function only decides when each runs."""
-    t, d = cfg.train, cfg.distill
+    """The loop. Each phase is one method of `Trainer`; `_loop` only decides when each runs."""
     run = Trainer(cfg, rt)  # set-up: students, optimizers, omega, data streams
+    try:
+        return _loop(run, resume, stop_after)
+    finally:
+        run.close()
+
+
+def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
+    cfg, rt = run.cfg, run.rt
+    t, d = cfg.train, cfg.distill
     resumed = run.restore() if resume else False
     run.open_log(resumed)
     if run.step == 0 and rt.is_master:
@@ -230,8 +243,8 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 class StepStats:
     """What one optimizer step leaves for the log: per-peer loss parts, gradient norms, its last micro-batch."""
 
-    parts: dict[str, list[float]]
-    grad_norms: list[float]
+    parts: dict[str, torch.Tensor]  # per-peer numbers, still on the device
+    grad_norms: list[torch.Tensor]
     batch: MaskedBatch
 
 
@@ -267,6 +280,12 @@ class Trainer:
                                           total_steps=max(1, t.max_steps // d.outer_every))
         self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
         self.batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
+        if cfg.data.prefetch:  # build the next batches in a background thread, page-locked for async copies
+            pin = rt.device.type == "cuda"
+            self.batches.train = Prefetcher(self.batches.train, cfg.data.prefetch, pin)
+            if self.batches.heldout is not None:
+                self.batches.heldout = Prefetcher(self.batches.heldout, cfg.data.prefetch, pin)
+        self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
 
         # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
         self.models: list[torch.nn.Module] = list(self.students)
@@ -278,8 +297,15 @@ class Trainer:
         if t.compile:
             self.models = [torch.compile(m) for m in self.models]
         self.loss_fn = METHOD_LOSSES[method]
+        self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
         self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
         self.log: MetricsLog | None = None
+
+    def close(self) -> None:
+        """Stop the data threads (also on errors and interruptions)."""
+        for stream in (self.batches.train, self.batches.heldout):
+            if isinstance(stream, Prefetcher):
+                stream.close()
 
     # -- resume -------------------------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -296,6 +322,7 @@ class Trainer:
             for m, sd in zip(modules, state[key]):
                 m.load_state_dict(sd)
         self.omega.load_state_dict(state["omega"])
+        self.omega_device = self.omega.omega.to(self.rt.device)
         self.batches.train.load_state_dict(state["train_stream"])
         if self.batches.heldout is not None and state.get("heldout_stream"):
             self.batches.heldout.load_state_dict(state["heldout_stream"])
@@ -314,7 +341,7 @@ class Trainer:
 
     def start_clock(self) -> None:
         self.loop_start = time.perf_counter()
-        self.window_start, self.window_tokens = self.loop_start, 0
+        self.window_start, self.window_tokens, self.window_wait = self.loop_start, self.batches.train.tokens_seen, 0.0
 
     def elapsed(self) -> float:
         """Training wall time (validation included), summed over resumed segments of the run."""
@@ -338,21 +365,31 @@ class Trainer:
         with torch.no_grad(), self.rt.autocast():
             return masked_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
 
+    def next_batch(self, stream) -> MaskedBatch:
+        """The next batch on the device; the time the loop waited for it counts into the log's data_wait_s."""
+        t0 = time.perf_counter()
+        batch = next(stream)
+        self.window_wait += time.perf_counter() - t0
+        return batch.to(self.rt.device, non_blocking=self.non_blocking)
+
     def train_step(self) -> StepStats:
-        """One optimizer step of every student: gradient accumulation over micro-batches, clip, AdamW, schedule."""
+        """One optimizer step of every student: gradient accumulation over micro-batches, clip, AdamW, schedule.
+
+        Nothing here waits for the GPU: loss parts and gradient norms stay on the device until a log step reads them
+        (token counts come from the data stream, on the host)."""
         t, rt = self.cfg.train, self.rt
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        micro_batches = [next(self.batches.train).to(rt.device) for _ in range(t.grad_accum)]
+        micro_batches = [self.next_batch(self.batches.train) for _ in range(t.grad_accum)]
         # Each loss is a mean over its micro-batch's masked tokens, whose number varies. Weighting every micro-batch
         # by its share of all masked tokens of the step (over all ranks; DDP then averages over ranks, hence the
         # world_size factor) makes accumulation and DDP compute exactly the gradient of the one big batch.
         counts = [b.labels.numel() for b in micro_batches]
-        n_masked = torch.tensor(float(sum(counts)), device=rt.device)
+        n_masked: float | torch.Tensor = float(sum(counts))
         if rt.ddp:
+            n_masked = torch.full((), n_masked, device=rt.device)  # a fill kernel, not a blocking host copy
             dist.all_reduce(n_masked)
-        omega = self.omega.omega.to(rt.device)
-        parts: dict[str, list[float]] = {}
+        parts: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(micro_batches):
             # With DDP, only the last micro-batch all-reduces gradients.
             sync = contextlib.ExitStack()
@@ -360,20 +397,17 @@ class Trainer:
                 for m in self.models:
                     sync.enter_context(m.no_sync())
             with sync:
-                outs = self.forward_all(batch, train_mode=True)
-                outs = [(z.float(), [a.float() for a in aux]) for z, aux in outs]
-                loss, micro_parts = self.loss_fn(outs, batch.labels, omega, self.teacher_logits(batch),
+                outs = self.forward_all(batch, train_mode=True)  # the losses upcast to fp32 where they need it
+                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
                                                  self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
+            share = counts[micro] / sum(counts)
             for k, v in micro_parts.items():
-                acc = parts.setdefault(k, [0.0] * len(v))
-                for i, x in enumerate(v):
-                    acc[i] += x * counts[micro] / sum(counts)
-            self.window_tokens += int(batch.attention_mask.sum())
+                parts[k] = parts[k] + v * share if k in parts else v * share
         grad_norms = []
         for s, o, sc in zip(self.students, self.optimizers, self.schedulers):
             if t.grad_clip > 0:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip)))
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip))
             o.step()
             sc.step()
         self.step += 1
@@ -383,7 +417,7 @@ class Trainer:
     def outer_step(self, batch: MaskedBatch, lr: float) -> dict:
         """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
         d, rt = self.cfg.distill, self.rt
-        held = next(self.batches.heldout).to(rt.device)
+        held = self.next_batch(self.batches.heldout)
         gamma = lr if d.gamma < 0 else d.gamma
         # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
         # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
@@ -399,38 +433,43 @@ class Trainer:
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
             g /= rt.world_size
         self.omega.update(g, self.mirror)
+        self.omega_device = self.omega.omega.to(rt.device)
         return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
                     l2=float(info.get("l2", float("nan"))))
 
     # -- log and validation -------------------------------------------------------------------------------------
     def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
+        """One metrics line: the only place the step's device-side numbers are read (one host sync per log step)."""
         now = time.perf_counter()
-        tps = self.window_tokens * self.rt.world_size / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_tokens = now, 0
-        ce = stats.parts.get("ce")
-        self.log.write(**record, step=self.step, elapsed_s=self.elapsed(), lr=lr, tokens_per_s=tps, train_ce=ce,
-                       grad_norm=stats.grad_norms or None, **({} if "omega" in record else
-                                                              {"omega": self.omega.omega.tolist()}))
+        tokens = self.batches.train.tokens_seen
+        tps = (tokens - self.window_tokens) * self.rt.world_size / max(now - self.window_start, 1e-9)
+        wait = self.window_wait
+        self.window_start, self.window_tokens, self.window_wait = now, tokens, 0.0
+        parts = {k: v.tolist() for k, v in stats.parts.items()}
+        ce = parts.get("ce")
+        grad_norm = torch.stack(stats.grad_norms).tolist() if stats.grad_norms else None
+        self.log.write(**record, step=self.step, elapsed_s=self.elapsed(), lr=lr, tokens_per_s=tps,
+                       data_wait_s=wait, train_ce=ce, grad_norm=grad_norm,
+                       **({} if "omega" in record else {"omega": self.omega.omega.tolist()}))
         bar.set_postfix(loss=f"{min(ce or [float('nan')]):.3f}", tok_s=f"{tps:,.0f}")
 
     @torch.no_grad()
     def validate(self) -> dict:
         """Mean validation loss of every student (and of the omega ensemble) on the fixed validation batches."""
         n = len(self.students)
-        sums = torch.zeros(n + 1, dtype=torch.float64)
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=self.rt.device)
         for vb in self.batches.valid:
             vb = vb.to(self.rt.device)
             # The bare students, not their DDP wrappers: validation runs on rank 0 alone.
-            logits = [o[0].float() for o in self.forward_all(vb, train_mode=False, modules=self.students)]
+            logits = [o[0] for o in self.forward_all(vb, train_mode=False, modules=self.students)]
             for i, z in enumerate(logits):
-                sums[i] += mlm_loss(z, vb.labels).item()
+                sums[i] += mlm_loss(z, vb.labels)
             if n > 1:  # the ensemble of one model is that model
-                sums[-1] += ensemble_loss(logits, vb.labels, self.omega.omega.to(self.rt.device),
-                                          kind="ensemble").item()
-        sums /= len(self.batches.valid)
-        out = {"valid_loss": sums[:-1].tolist()}
+                sums[-1] += ensemble_loss(logits, vb.labels, self.omega_device, kind="ensemble")
+        sums = (sums / len(self.batches.valid)).tolist()  # one host sync for the whole validation
+        out = {"valid_loss": sums[:-1]}
         if n > 1:
-            out["valid_ensemble_loss"] = sums[-1].item()
+            out["valid_ensemble_loss"] = sums[-1]
         return out
 
     def initial_validation(self) -> None:
