@@ -30,6 +30,7 @@ class DataConfig:
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+    prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class RunConfig:
         _check(self.model.family in MODEL_FAMILIES,
                f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:
