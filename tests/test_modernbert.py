@@ -174,6 +174,34 @@ def test_search_modernbert_is_exact_and_close_to_the_exhaustive_optimum(tmp_path
     assert [a.family for a in load_peer_archs(out)] == ["modernbert", "modernbert"]
 
 
+def test_experiment_searches_peers_in_the_base_family(tmp_path):
+    from dwml.experiment import load_experiment, plan_runs, search_settings
+
+    text = """
+name = "mb"
+out_dir = "OUT"
+[base.data]
+seq_len = 32
+[base.model]
+family = "modernbert"
+[search]
+reference = "tiny"
+peers = 2
+init_points = 3
+n_iter = 3
+[[runs]]
+name = "dwml"
+method = "dwml"
+""".replace("OUT", str(tmp_path / "exp"))
+    (tmp_path / "exp.toml").write_text(text)
+    cfg = load_experiment(tmp_path / "exp.toml")
+    settings = search_settings(cfg, 1000)
+    assert settings.family == "modernbert" and settings.max_positions == 34
+    peers = [p["arch"] for p in search(settings)["peers"]]
+    (plan,) = plan_runs(cfg, tmp_path / "exp", tmp_path, peers)
+    assert [a.family for _, a in resolve_archs(plan.config, 1000)] == ["modernbert", "modernbert"]
+
+
 def _roberta_ref(tmp_path):
     path = tmp_path / "ref.json"
     path.write_text(json.dumps({"arch": {"layers": 2, "heads": 2, "hidden": 64, "intermediate": 256}}))
@@ -212,3 +240,23 @@ def test_export_reloads_to_the_trained_weights_and_eval_scores_it(dwml_run, tmp_
     assert main(["eval", str(run), "--tasks", "supplement_fast", "--limit", "1", "--device", "cpu",
                  "--data-dir", str(EVAL_DATA), "--out", str(tmp_path / "run.json")]) == 0
     assert list(json.loads((tmp_path / "run.json").read_text())["models"]) == ["peer0", "peer1", "ensemble"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GLUE fine-tuning
+
+
+def test_finetune_keeps_the_modernbert_encoder_and_learns(dwml_run, tmp_path):
+    import dwml.finetune as ft
+    from test_finetune import _quick_cfg, _sentences, _write_jsonl
+
+    peer = dwml_run[0] / "final" / "peer0"
+    mlm = AutoModelForMaskedLM.from_pretrained(peer)
+    clf = ft.load_classifier(peer, 2)  # only the classifier is new: the encoder and its head are the MLM's
+    assert type(clf).__name__ == "ModernBertForSequenceClassification"
+    assert torch.equal(clf.model.layers[0].mlp.Wi.weight, mlm.model.layers[0].mlp.Wi.weight)
+    assert torch.equal(clf.head.dense.weight, mlm.head.dense.weight)
+    _write_jsonl(tmp_path / "sst2.train.jsonl", _sentences(300, seed=1))
+    _write_jsonl(tmp_path / "sst2.valid.jsonl", _sentences(200, seed=2))
+    row = ft.finetune_model(peer, _quick_cfg(tmp_path, epochs=6))["tasks"]["sst2"]
+    assert row["score"] >= row["majority"] + 0.2, row
