@@ -22,6 +22,7 @@ from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
 SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.schedule)
+MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DataConfig:
     # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
     eval_mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+    prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ModelConfig:
     peers: list = field(default_factory=list)
     peers_file: str = ""
     dropout: float = 0.1
+    family: str = "roberta"  # roberta (the paper's model) | modernbert (pre-norm, RoPE, GeGLU; dwml.model)
 
 
 @dataclass
@@ -133,9 +136,12 @@ class RunConfig:
                f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
+        _check(self.model.family in MODEL_FAMILIES,
+               f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(0.0 < self.data.eval_mask_prob < 1.0,
                f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
+        _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:
