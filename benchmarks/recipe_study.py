@@ -28,6 +28,7 @@ from pathlib import Path
 # One row per variant: (name, what it changes, overrides of BASELINE). Every variant spells out the whole recipe
 # (BASELINE + its overrides), so changing dwml's defaults never changes what a variant means.
 BASELINE = {
+    "model.family": "roberta",
     "model.preset": "tiny",
     "model.dropout": 0.1,
     "data.mask_prob": 0.15,
@@ -47,6 +48,10 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("hilr_linear_mask30", "dropout 0, peak lr 8e-3, linear decay to 0, 30% masking",
      {"model.dropout": 0.0, "train.lr": 8e-3, "train.schedule": "linear", "train.min_lr_ratio": 0.0,
       "data.mask_prob": 0.3}),
+    ("modernbert_hilr_linear", "ModernBERT tiny (pre-norm, RoPE, GeGLU; same parameters), dropout 0, lr 8e-3, "
+     "linear decay to 0",
+     {"model.family": "modernbert", "model.dropout": 0.0, "train.lr": 8e-3, "train.schedule": "linear",
+      "train.min_lr_ratio": 0.0}),
 ]
 
 TOKENS = 1200 * 32 * 128  # issue 9's CPU reference budget: 1,200 steps of 32 x 128
@@ -81,7 +86,7 @@ def _toml(v) -> str:
 # Keys that do not change what a run learns: a finished run is reused whatever they were.
 BOOKKEEPING = ("train.save_every", "train.log_every", "train.progress")
 # What runs made before these keys existed did (validation masked at the training rate, which was 15%; cosine).
-LEGACY = {"data.eval_mask_prob": 0.15, "train.schedule": "cosine", "train.cooldown_fraction": 0.2}
+LEGACY = {"model.family": "roberta", "data.eval_mask_prob": 0.15, "train.schedule": "cosine", "train.cooldown_fraction": 0.2}
 
 
 def finished_with(out: Path, sets: list[str]) -> bool:
