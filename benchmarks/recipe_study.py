@@ -125,16 +125,21 @@ def run_variant(name: str, sets: list[str], out: Path, threads: int) -> dict:
     return json.loads((out / "final" / "summary.json").read_text())
 
 
-def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["variant"] == "baseline"), None)
-    head = ["variant", "batch x steps", "plateau exit: step (M tokens)", "valid loss", "vs baseline", "wall s",
-            "changes"]
+def table(rows: list[dict], base_history: list[tuple[int, float]], base_batch: int) -> str:
+    """Markdown table. `vs baseline` compares with the baseline's validation loss at the same number of tokens
+    (its history), so a variant stopped early is still compared fairly."""
+    base_at = {step * base_batch: loss for step, loss in base_history}
+    head = ["variant", "batch x steps", "plateau exit: step (M tokens)", "valid loss", "vs baseline (same tokens)",
+            "wall s", "changes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         exit_ = "never" if r["exit_step"] is None else f"{r['exit_step']} ({r['exit_tokens'] / 1e6:.2f})"
-        delta = f"{r['valid_loss'] - base['valid_loss']:+.3f}" if base else "-"
-        lines.append(f"| {r['variant']} | {r['batch']} x {r['steps']} | {exit_} | {r['valid_loss']:.3f} | {delta} | "
-                     f"{r['train_seconds']:.0f} | {r['changes']} |")
+        ref = base_at.get(r["steps"] * r["batch"])
+        delta = "-" if ref is None else f"{r['valid_loss'] - ref:+.3f}"
+        steps = f"{r['steps']}" + ("" if r["finished"] else f" of {r['planned_steps']} (stopped)")
+        wall = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} x {steps} | {exit_} | {r['valid_loss']:.3f} | {delta} | "
+                     f"{wall} | {r['changes']} |")
     return "\n".join(lines)
 
 
@@ -148,6 +153,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training process")
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: tabulate what the run directories hold (unfinished runs: their last "
+                         "validation, marked stopped)")
     args = ap.parse_args()
     names = [n for n, _, _ in VARIANTS]
     only = [x for x in args.only.split(",") if x]
@@ -170,23 +178,32 @@ def main() -> int:
             continue
         out = out_root / name
         sets = variant_sets(overrides, args.data, out, args.tokens, args.eval_tokens, args.seq_len)
-        s = run_variant(name, sets, out, args.threads)
-        peer = s["peers"][0]
         batch = int({**BASELINE, **overrides}["train.batch_size"])
+        planned = max(1, args.tokens // (batch * args.seq_len))
+        history = valid_history(out / "metrics.jsonl", 1)[0]
+        if args.report and not finished_with(out, sets):
+            if not history or history[-1][0] == 0:
+                continue
+            s = {"steps": history[-1][0], "peers": [{"valid_loss": history[-1][1]}], "train_seconds": None}
+        else:
+            s = run_variant(name, sets, out, args.threads)
+            history = valid_history(out / "metrics.jsonl", 1)[0]
         # From the run's validation history (the same rule as the trainer's summary, which older runs lack).
-        exit_step = plateau_exit_step(valid_history(out / "metrics.jsonl", 1)[0], entropy)
+        exit_step = plateau_exit_step(history, entropy)
         rows.append({
             "variant": name, "changes": what, "overrides": overrides, "batch": batch, "steps": s["steps"],
-            "tokens": s["steps"] * batch * args.seq_len, "valid_loss": peer["valid_loss"],
+            "planned_steps": planned, "finished": s["steps"] == planned and s["train_seconds"] is not None,
+            "tokens": s["steps"] * batch * args.seq_len, "valid_loss": s["peers"][0]["valid_loss"],
             "unigram_entropy": entropy, "exit_step": exit_step,
             "exit_tokens": None if exit_step is None else exit_step * batch * args.seq_len,
-            "train_seconds": s["train_seconds"],
+            "train_seconds": s["train_seconds"], "history": history,
         })
-    text = table(rows)
+    base = next((r for r in rows if r["variant"] == "baseline"), None)
+    text = table(rows, base["history"] if base else [], base["batch"] if base else 1)
     text += (f"\n\nunigram entropy of the train split: {entropy:.3f} nats; plateau exit = first validation at "
              f"least 0.5 nats below it. Wall times are on a shared CPU ({args.threads} thread(s) per run).")
     print(text)
-    if not only:
+    if not only:  # the whole study: keep its table next to the runs
         (out_root / "results.md").write_text(text + "\n")
         (out_root / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0

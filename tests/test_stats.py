@@ -5,7 +5,7 @@ import pytest
 from dwml.errors import DwmlError
 from dwml.evaluate import item_record
 from dwml.evaldata import MinimalPair
-from dwml.stats import compare_tasks, macro_accuracy, paired_bootstrap
+from dwml.stats import compare_tasks, macro_accuracy, paired_bootstrap, significance_vs_mlm
 
 
 def _data(seed=0, sizes=(40, 25, 60)):
@@ -75,3 +75,29 @@ def test_compare_tasks_reads_eval_items_and_refuses_other_items():
         compare_tasks(ta, short)
     with pytest.raises(DwmlError, match="same items"):
         paired_bootstrap(np.ones(3, bool), np.ones(4, bool), np.zeros(3))
+
+
+def test_significance_vs_mlm_and_its_report_table():
+    from dwml.report import significance_table
+
+    pairs = [MinimalPair(good="a", bad="b", group=g, field="f") for g in ["x"] * 300 + ["y"] * 300]
+    rng = np.random.default_rng(0)
+
+    def ev(models):
+        return {"models": {m: {"tasks": {"blimp_filtered": {"items": item_record(
+            pairs, [(bool(c), False) for c in (rng.random(600) < p)], ["x", "y"])}}} for m, p in models.items()}}
+
+    runs = [{"name": "teacher", "method": "mlm", "best": "peer0", "models": [{}]},
+            {"name": "mlm", "method": "mlm", "best": "peer0", "models": [{}]},
+            {"name": "dwml", "method": "dwml", "best": "peer1", "models": [{}, {}, {}]},
+            {"name": "dwml-alias", "method": "dwml", "alias_of": "dwml"}]
+    evaluations = {"teacher": ev({"peer0": 0.9}), "mlm": ev({"peer0": 0.5}),
+                   "dwml": ev({"peer0": 0.5, "peer1": 0.9, "ensemble": 0.52})}
+    sig = significance_vs_mlm(runs, evaluations, n_boot=500)
+    assert sig["reference"] == {"run": "mlm", "model": "peer0"}  # the run named mlm, not the first mlm run
+    rows = {(r["run"], r["model"]): r for r in sig["rows"]}
+    assert set(rows) == {("teacher", "peer0"), ("dwml", "peer1"), ("dwml", "ensemble")}
+    assert rows[("dwml", "peer1")]["significant"] and rows[("dwml", "peer1")]["diff"] > 30
+    md = significance_table({"significance": sig})
+    assert "| dwml | dwml | peer1 | BLiMP |" in md and "yes" in md
+    assert significance_vs_mlm(runs[2:], evaluations) is None  # no mlm run: nothing to compare with
