@@ -7,7 +7,7 @@ import pytest
 
 from dwml.cli import main
 from dwml.errors import DwmlError
-from dwml.experiment import load_experiment, parse_experiment, plan_runs, run_experiment
+from dwml.experiment import axis_values, load_experiment, parse_experiment, plan_runs, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = [{"layers": 2, "heads": 2, "hidden": 32 * (4 - i), "intermediate": 64 * (4 - i), "vocab_size": 1000,
@@ -265,3 +265,4 @@ def test_ablation_config_sweeps_the_unroll(tmp_path):
         plan = by[f"dwml-unroll{unroll}"]
         assert plan.alias_of is None and plan.config.distill.unroll == unroll
         assert plan.sweep == {"base": "dwml", "axis": "unroll", "value": unroll}
+        assert axis_values(plan, 4)["unroll"] == unroll  # a string axis reaches the report's sweep points

@@ -379,7 +379,7 @@ def axis_values(plan: PlannedRun, n_students: int) -> dict[str, Any]:
     d = plan.config.distill
     values = {"peers": n_students}
     values.update({f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)
-                   if isinstance(getattr(d, f.name), (int, float, bool))})
+                   if isinstance(getattr(d, f.name), (int, float, bool, str))})
     return values
 
 

@@ -285,7 +285,7 @@ def outer_table(results: dict) -> str:
             continue
         rows.append([run["name"], run["method"], run.get("unroll") or "n/a", str(len(traj["outer_step"]) - 1),
                      fmt(run.get("mixed_ratio_median"), ".3g")])
-    return md_table(["Run", "Method", "Unroll", "Outer steps", "Median |mixed| / |direct|"], rows) if rows else ""
+    return md_table(["Run", "Method", "Unroll", "Outer steps", "Median mixed / direct"], rows) if rows else ""
 
 
 def _fmt_value(v: Any) -> str:
@@ -403,7 +403,8 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     if table:
         out += ["", "## Table 3: the outer step", "",
                 "Per outer step, the hypergradient g = direct + mixed (eq. 3); both are centred (their mean over the "
-                "peers subtracted: mirror descent ignores a constant shift) and the ratio of their norms logged. "
+                "peers subtracted: mirror descent ignores a constant shift) and the ratio of their norms, "
+                "‖mixed‖ / ‖direct‖, logged; the table gives its median over the run's outer steps. "
                 "Unroll: the inner step differentiated (adamw = the optimizer's real step, sgd = eq. 3's "
                 "θ − γ∇L1, direct = adamw's θ' without the mixed term, ratio 0).", "", table]
     out += ["", "## Figure 2: ablations, size and ω vs accuracy", ""]
