@@ -379,7 +379,7 @@ def axis_values(plan: PlannedRun, n_students: int) -> dict[str, Any]:
     d = plan.config.distill
     values = {"peers": n_students}
     values.update({f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)
-                   if isinstance(getattr(d, f.name), (int, float, bool))})
+                   if isinstance(getattr(d, f.name), (int, float, bool, str))})
     return values
 
 
@@ -552,8 +552,10 @@ def finetune_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summa
 
 
 def omega_trajectory(run_dir: Path) -> dict:
-    """{"outer_step": [0, 1, ...], "omega": [[...], ...]} from metrics.jsonl (outer step 0 = the initial omega)."""
-    steps, omegas = [], []
+    """{"outer_step": [0, 1, ...], "omega": [[...], ...], "mixed_ratio": [None, r1, ...]} from metrics.jsonl
+    (outer step 0 = the initial omega; mixed_ratio = the centred |mixed| / |direct| of each outer step, None where
+    it was not logged or undefined)."""
+    steps, omegas, ratios = [], [], []
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {"outer_step": [], "omega": []}
@@ -565,12 +567,22 @@ def omega_trajectory(run_dir: Path) -> dict:
         if r.get("step") == 0 and not steps and "omega" in r:
             steps.append(0)
             omegas.append(r["omega"])
+            ratios.append(None)
         if "outer_step" in r:
             steps.append(int(r["outer_step"]))
             omegas.append(r["omega"])
+            ratios.append(r.get("mixed_ratio"))
     if len(steps) == 1:  # no outer step was ever taken: no trajectory
-        return {"outer_step": [], "omega": []}
-    return {"outer_step": steps, "omega": omegas}
+        return {"outer_step": [], "omega": [], "mixed_ratio": []}
+    return {"outer_step": steps, "omega": omegas, "mixed_ratio": ratios}
+
+
+def median_or_none(values: list) -> float | None:
+    """Median of the numbers among `values` (None entries skipped); None if there are none."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None]
+    return statistics.median(xs) if xs else None
 
 
 def data_stats(prepared: Path, seq_len: int) -> dict:
@@ -660,11 +672,13 @@ def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, 
         "omega": summary["omega"],
         "omega_learned": bool(summary.get("omega_learned")),
         "omega_trajectory": omega_trajectory(Path(rc.out_dir)),
+        "unroll": rc.distill.unroll,
         "valid_ensemble_loss": summary.get("valid_ensemble_loss"),
         "models": rows,
         "best": best_model(rows),
         "timing": timing,
     })
+    rec["mixed_ratio_median"] = median_or_none(rec["omega_trajectory"].get("mixed_ratio", []))
     outer_steps = rc.train.max_steps // rc.distill.outer_every if rec["omega_learned"] else 0
     fl = {"analytic_per_student": analytic["per_student"], "analytic_teacher_forward": analytic["teacher_forward"],
           "analytic_total": analytic["total"], "mask_frac": analytic["mask_frac"], "outer_steps": outer_steps}

@@ -7,7 +7,9 @@ What is reported (paper: Iyer 2024, "When Babies Teach Babies", arXiv 2411.16487
   GLUE average (and per task) when fine-tuning ran, validation loss, parameters, omega.
   The best peer of a run is the one with the highest mean zero-shot accuracy (ties and runs without zero-shot
   evaluation: the lowest validation loss); it is marked with a star.
-- Figure 3: omega of every peer over the outer steps of each learned-omega run (from metrics.jsonl).
+- Figure 3: omega of every peer over the outer steps of each learned-omega run (from metrics.jsonl), and Table 3:
+  per learned-omega run, its unroll (`distill.unroll`) and the median over its outer steps of the centred
+  |mixed| / |direct| ratio of the hypergradient (how much the exact mixed term of eq. 3 moves omega).
 - Figure 2: the metric against each sweep axis (number of peers, alpha, fixed vs learned omega, ...), against the
   number of parameters, and against the final omega, with Pearson's R.
 - Table 9: wall time, mean GPU utilisation (n/a without a GPU / pynvml), analytic and measured training FLOPs.
@@ -275,6 +277,18 @@ def sweep_table(results: dict) -> str:
     return md_table(["Base run", "Axis", "Value", "Run", f"Best peer: {label}", "Ensemble"], rows) if rows else ""
 
 
+def outer_table(results: dict) -> str:
+    """Table 3: the outer step of each learned-omega run: unroll, outer steps, median centred |mixed| / |direct|."""
+    rows = []
+    for run in done_runs(results):
+        traj = run.get("omega_trajectory") or {}
+        if not run.get("omega_learned") or not traj.get("outer_step"):
+            continue
+        rows.append([run["name"], run["method"], run.get("unroll") or "n/a", str(len(traj["outer_step"]) - 1),
+                     fmt(run.get("mixed_ratio_median"), ".3g")])
+    return md_table(["Run", "Method", "Unroll", "Outer steps", "Median mixed / direct"], rows) if rows else ""
+
+
 def _fmt_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -386,6 +400,14 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     out += ["", "## Figure 3: ω over the outer steps", ""]
     out.append(f"![omega trajectories]({figures['omega']})" if "omega" in figures else
                "No learned-ω run with outer steps.")
+    table = outer_table(results)
+    if table:
+        out += ["", "## Table 3: the outer step", "",
+                "Per outer step, the hypergradient g = direct + mixed (eq. 3); both are centred (their mean over the "
+                "peers subtracted: mirror descent ignores a constant shift) and the ratio of their norms, "
+                "‖mixed‖ / ‖direct‖, logged; the table gives its median over the run's outer steps. "
+                "Unroll: the inner step differentiated (adamw = the optimizer's real step, sgd = eq. 3's "
+                "θ − γ∇L1, direct = adamw's θ' without the mixed term, ratio 0).", "", table]
     out += ["", "## Figure 2: ablations, size and ω vs accuracy", ""]
     if "ablations" in figures:
         out.append(f"![ablations]({figures['ablations']})")
