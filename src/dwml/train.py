@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -191,7 +192,8 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
     t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume, stop_after)
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
@@ -228,9 +230,12 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 
     # Resume from the newest checkpoint, if any.
     step, elapsed_before, initial_valid = 0, 0.0, None
+    run_id = rundir.begin_run(run_dir, prepared, resume) if rt.is_master else None  # --no-resume: old run moved aside
+    rt.barrier()
     ckpts = list_checkpoints(run_dir) if resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1])
+        rundir.check_resume(ckpts[-1], state, cfg, run_id, students)  # same run, same config (beyond cadence)
         if len(state["students"]) != n_students:
             raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, config has {n_students}")
         for s, sd in zip(students, state["students"]):
@@ -310,6 +315,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             "config": config_mod.to_toml(cfg),
             "elapsed_s": elapsed(),
             "initial_valid_loss": initial_valid,
+            "run_id": run_id,
         }
         if rt.is_master:
             save_checkpoint(run_dir, step_now, state)
