@@ -45,7 +45,7 @@ def _kill(p: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------------------------------- item 1: outputs
 
 
-def test_prepare_refuses_what_it_did_not_write(tmp_path, capsys):
+def test_prepare_refuses_what_it_did_not_write(tmp_path, capsys, monkeypatch):
     corpus = synthetic_corpus(tmp_path / "corpus", n_lines=100)
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
@@ -58,7 +58,10 @@ def test_prepare_refuses_what_it_did_not_write(tmp_path, capsys):
         (tmp_path, "would replace the input"),             # a folder holding the corpus
         (corpus / "prepared", "inside the input"),          # out inside the corpus
         (a_file, "not a directory"),                        # a regular file never becomes a directory
+        (Path("."), "is the current directory"),            # --out . (here an empty directory)
     ]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     for out, why in cases:
         assert main(["prepare", str(corpus), "--out", str(out), "--vocab-size", "300"]) == 2, out
         err = capsys.readouterr().err
@@ -242,3 +245,18 @@ def test_temp_dir_of_a_killed_prepare_is_cleaned(tmp_path):
     assert f".{writer.pid}." in left.name and (left / "train.bin").is_file()
     prepare([corpus], out, vocab_size=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
+
+
+def test_half_written_checkpoint_of_a_killed_run_is_cleaned(tmp_path):
+    writer = _child(f"""
+        import time
+        from dwml.io import atomic_path
+        with atomic_path({str(tmp_path / "checkpoints" / "step_00000002.pt")!r}) as tmp:
+            tmp.write_bytes(bytes(1000))
+            print("ready", flush=True)
+            time.sleep(120)
+    """)
+    _kill(writer)
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1
+    save_checkpoint(tmp_path, 4, _state(4))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004.pt"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DwmlError
-from .io import atomic_path
+from .io import atomic_path, clean_stale_temps
 
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED_KEYS = ("step", "students", "optimizers", "schedulers", "rng", "config", "checksum")
@@ -66,6 +66,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     is never removed, whatever else the folder holds.
     """
     path = checkpoint_path(run_dir, step)
+    clean_stale_temps(path.parent)  # a checkpoint half-written by a killed run (another step's name)
     state = {**state, "checksum": state_checksum(state)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 MARKER = ".dwml-output.json"
+# Commands whose output directory is a container of other dwml outputs (prepared data, runs), not one output.
+CONTAINER_COMMANDS = ("experiment", "demo")
 _TMP_TAG = "dwmltmp"
 
 
@@ -66,13 +68,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(parent: Path, name: str) -> list[Path]:
-    """Remove the temp files/dirs for target `parent/name` left by killed dwml processes on this host.
+def clean_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove the temp files/dirs for target `parent/name` (any target in `parent` if `name` is None) left by
+    killed dwml processes on this host.
 
     Only names of our own pattern whose writer (pid, on this host) no longer runs are touched; another live
     writer's temp (or one from another host sharing the file system) is left alone. Returns what was removed.
     """
-    pattern = re.compile(re.escape(f".{name}.{_TMP_TAG}.") + r"(\d+)\.([0-9a-f]{8})\.")
+    target = re.escape(name) if name is not None else r".+?"
+    pattern = re.compile(rf"\.{target}\.{_TMP_TAG}\.(\d+)\.([0-9a-f]{{8}})\.")
     removed = []
     try:
         entries = list(parent.iterdir())
@@ -171,7 +175,8 @@ def check_output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[s
     """Refuse (DwmlError, before any work) an output directory that `dwml <command>` must not replace.
 
     - a non-directory at `out` (a regular file would silently become a directory);
-    - `out` equal to an input, holding an input (replacing it would delete the input) or inside an input;
+    - `out` equal to an input or to the working directory, holding one (replacing it would delete it) or inside
+      an input;
     - `out` inside another dwml output (a run directory, prepared data, ...), except under `allowed_inside`;
     - an existing non-empty directory that is not a previous output of the same command, unless `overwrite`.
     Returns `out` as given.
@@ -190,15 +195,40 @@ def check_output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[s
             raise DwmlError(f"{flag} {out}: would replace the input {inp}; choose another output directory")
         if r.is_dir() and _is_within(real, r) and not allowed and not output_command(r):
             raise DwmlError(f"{flag} {out}: is inside the input {inp}; choose an output directory outside it")
+    if _is_within(Path.cwd().resolve(), real):
+        raise DwmlError(f"{flag} {out}: is the current directory or holds it; choose an output directory below it")
     for parent in real.parents:
         kind = output_command(parent)
-        if kind and not allowed:
+        if kind and kind not in CONTAINER_COMMANDS and not allowed:
             what = "the run directory" if kind == "train" else f"the `dwml {kind}` output"
             raise DwmlError(f"{flag} {out}: is inside {what} {parent}; choose an output directory outside it")
     if real.is_dir() and any(real.iterdir()) and output_command(real) != command and not overwrite:
         raise DwmlError(f"{flag} {out}: exists and is not a previous `dwml {command}` output (no {MARKER} from it); "
                         f"choose another directory or pass --overwrite to replace it")
     return out
+
+
+def claim_dir(d: str | os.PathLike, command: str, legacy: Iterable[str] = ()) -> Path:
+    """Create (or reuse) the directory `d` that `dwml <command>` fills file by file, marking it as its own.
+
+    An existing non-empty directory is reused only when it carries this command's marker or one of the `legacy`
+    files an older dwml wrote there; anything else is refused (DwmlError), so a mistyped --out / out_dir never
+    scatters results into, or overwrites files of, an unrelated directory.
+    """
+    from .errors import DwmlError
+
+    d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise DwmlError(f"{command} output {d}: exists and is not a directory")
+    if d.is_dir() and output_command(d) != command:
+        if any(d.iterdir()) and not any((d / f).exists() for f in legacy):
+            raise DwmlError(f"{command} output {d}: exists and is not a `dwml {command}` directory (no {MARKER}); "
+                            "choose a new or empty directory")
+    d.mkdir(parents=True, exist_ok=True)
+    if output_command(d) != command:
+        write_json(d / MARKER, {"command": command,
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return d
 
 
 def check_output_file(path: str | os.PathLike | None, flag: str = "--out") -> None:
