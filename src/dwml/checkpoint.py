@@ -32,11 +32,12 @@ def _digest(obj: Any, h) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hash the bytes in place (no copy beyond the device -> host one)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
         h.update(f"N{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8) if a.size and a.dtype != object else repr(a.tolist()).encode())
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for k, v in obj.items():  # insertion order: preserved by pickle, so save and load agree
