@@ -110,6 +110,18 @@ def test_eval_out_naming_a_directory_fails_before_the_work(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_train_refuses_a_foreign_directory_and_one_inside_the_data(tiny_prepared, tmp_path, capsys):
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "config.toml").write_text("mine = 1\n")
+    for out, why in ((foreign, "is not a dwml run directory"), (tiny_prepared / "run", "inside the prepared data")):
+        assert main(["train", "--data", str(tiny_prepared), "--out", str(out), "--max-steps", "2",
+                     "--set", "data.seq_len=32"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.toml"] and not (tiny_prepared / "run").exists()
+
+
 # ------------------------------------------------------------------------------ item 2: --no-resume, rotation
 
 
@@ -196,6 +208,19 @@ def test_resume_refuses_a_changed_config(tiny_prepared, tmp_path, capsys):
     summary = train(make_cfg(tiny_prepared, run, **merge(base, {"train": {"max_steps": 6, "save_every": 3,
                                                                           "eval_every": 3}})))
     assert summary["steps"] == 6 and "max_steps = 6" in (run / "config.toml").read_text()
+
+
+def test_resume_refuses_a_peers_file_rewritten_with_another_architecture(tiny_prepared, tmp_path):
+    peers = tmp_path / "peers.json"
+    arch = {"layers": 1, "heads": 2, "hidden": 32, "intermediate": 64}
+    peers.write_text(json.dumps({"peers": [{"arch": arch}, {"arch": arch}]}))
+    cfg = make_cfg(tiny_prepared, tmp_path / "run", model={"peers_file": str(peers)},
+                   train={"max_steps": 4, "save_every": 2, "eval_every": 2})
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=2)
+    peers.write_text(json.dumps({"peers": [{"arch": arch}, {"arch": {**arch, "hidden": 16, "intermediate": 32}}]}))
+    with pytest.raises(DwmlError, match="student 1 in the checkpoint has another architecture"):
+        train(cfg)
 
 
 # --------------------------------------------------------------------- item 10: checksum, umask, stale temps

@@ -62,9 +62,12 @@ class RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise DwmlError(f"out_dir: {self.run_dir} exists and is not a directory")
         self.created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:  # read-only file system, no permission, ...
+                raise DwmlError(f"out_dir: cannot write the lock file {self.path} ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
