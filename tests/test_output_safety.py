@@ -76,6 +76,10 @@ def test_prepare_refuses_what_it_did_not_write(tmp_path, capsys, monkeypatch):
     assert main(["prepare", str(corpus), "--out", str(unrelated), "--vocab-size", "300", "--overwrite"]) == 0
     assert (unrelated / "meta.json").is_file() and not (unrelated / "holiday.jpg").exists()
     assert main(["prepare", str(corpus), "--out", str(corpus), "--vocab-size", "300", "--overwrite"]) == 2
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # a run directory is never replaced, even with --overwrite
+    assert main(["prepare", str(corpus), "--out", str(run), "--vocab-size", "300", "--overwrite"]) == 2
+    assert "is a run directory" in capsys.readouterr().err and (run / "checkpoints").is_dir()
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,8 @@ def test_export_refuses_the_run_and_foreign_folders(finished_run, tmp_path, caps
         (run / "final", "inside the run directory"),       # inside the run, outside RUN/export/
         (tmp_path, "not a previous `dwml export` output"),  # an unrelated non-empty folder
     ]
+    assert main(["export", str(run), "--out", str(run), "--overwrite"]) == 2
+    capsys.readouterr()
     (tmp_path / "mine.txt").write_text("x")
     for out, why in cases:
         assert main(["export", str(run), "--out", str(out)]) == 2, out

@@ -178,6 +178,7 @@ def check_output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[s
     - `out` equal to an input or to the working directory, holding one (replacing it would delete it) or inside
       an input;
     - `out` inside another dwml output (a run directory, prepared data, ...), except under `allowed_inside`;
+    - a run directory (or an experiment/demo directory holding runs), even with `overwrite`;
     - an existing non-empty directory that is not a previous output of the same command, unless `overwrite`.
     Returns `out` as given.
     """
@@ -202,7 +203,11 @@ def check_output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[s
         if kind and kind not in CONTAINER_COMMANDS and not allowed:
             what = "the run directory" if kind == "train" else f"the `dwml {kind}` output"
             raise DwmlError(f"{flag} {out}: is inside {what} {parent}; choose an output directory outside it")
-    if real.is_dir() and any(real.iterdir()) and output_command(real) != command and not overwrite:
+    kind = output_command(real) if real.is_dir() else None
+    if kind in ("train", *CONTAINER_COMMANDS) and kind != command:  # runs are never replaced, even on request
+        what = "a run directory" if kind == "train" else f"a `dwml {kind}` directory (it holds runs)"
+        raise DwmlError(f"{flag} {out}: is {what}; choose another output directory")
+    if real.is_dir() and any(real.iterdir()) and kind != command and not overwrite:
         raise DwmlError(f"{flag} {out}: exists and is not a previous `dwml {command}` output (no {MARKER} from it); "
                         f"choose another directory or pass --overwrite to replace it")
     return out
