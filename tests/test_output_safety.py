@@ -111,9 +111,19 @@ def test_export_refuses_the_run_and_foreign_folders(finished_run, tmp_path, caps
     assert (run / "export" / "peer0" / "config.json").is_file()
 
 
-def test_eval_out_naming_a_directory_fails_before_the_work(tmp_path, capsys):
+def test_eval_search_out_and_experiment_dir_are_checked_before_the_work(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not json")
+    assert main(["search", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is not a dwml JSON result" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "not json"
+    # An experiment never scatters its files into an unrelated directory.
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'name = "t"\nout_dir = "{tmp_path}"\n[prepare]\n[[runs]]\nname = "mlm"\nmethod = "mlm"\n')
+    assert main(["experiment", str(exp)]) == 2
+    assert "is not a `dwml experiment` directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml", "notes.txt"]
 
 
 def test_train_refuses_a_foreign_directory_and_one_inside_the_data(tiny_prepared, tmp_path, capsys):
