@@ -254,6 +254,9 @@ def test_a_bit_flip_in_a_checkpoint_is_detected(tmp_path):
     with pytest.raises(DwmlError, match="checksum mismatch") as e:  # ... dwml does not
         load_checkpoint(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+    torch.save(_state(1), path)  # no checksum at all (an older dwml's checkpoint)
+    with pytest.raises(DwmlError, match="without a checksum"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])

@@ -104,8 +104,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # a flipped bit in the pickle stream can raise almost anything while unpickling
         raise DwmlError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}); delete it to restart "
                         "from an earlier one") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS if k != "checksum"):
         raise DwmlError(f"{path}: not a dwml checkpoint (expected keys {list(REQUIRED_KEYS)})")
+    if "checksum" not in state:
+        raise DwmlError(f"{path}: checkpoint without a checksum (written by an older dwml); start over with "
+                        "--no-resume (the old run is moved aside)")
     if state_checksum(state) != state["checksum"]:
         raise DwmlError(f"{path}: corrupt checkpoint (checksum mismatch: its content changed after it was written); "
                         "delete it to restart from an earlier one")
