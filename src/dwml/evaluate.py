@@ -24,7 +24,7 @@ import torch
 from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import MinimalPair, TASKS, default_data_dir, load_task, parse_tasks
-from .io import write_json
+from .io import check_output_file, write_json
 from .scoring import METHODS, PeerEnsemble, score_sentences
 
 DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"
@@ -282,6 +282,7 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
     result = evaluate_path(args.path, args.tasks, method=args.method, token_budget=args.token_budget,
                            device=args.device, limit=args.limit, data_dir=args.data_dir, ensemble=not args.no_ensemble,
                            out_file=args.out, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -50,7 +50,7 @@ from typing import Any, Callable
 from .config import METHODS, DistillConfig, RunConfig, from_dict, merge, parse_set, read_toml, to_toml
 from .errors import DwmlError, require
 from .finetune import FinetuneConfig
-from .io import write_json
+from .io import claim_dir, write_json
 
 SECTIONS = ("data", "model", "train", "distill")  # RunConfig tables a run may override
 PEER_METHODS = ("dml", "dwml", "kd_dwml")
@@ -758,8 +758,7 @@ def run_experiment(cfg: ExperimentConfig, *, only: list[str] | None = None, repo
     log = log or (lambda s: print(f"[experiment] {s}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     host = host_info()
-    exp_dir = Path(cfg.out_dir)
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_dir = claim_dir(cfg.out_dir, "experiment", legacy=("results.json", "peers.json", "data/meta.json"))
     if report_only:
         prepared = prepared_dir(cfg, exp_dir)
         require((prepared / "meta.json").is_file(), f"{prepared}: no prepared data; run the experiment first")

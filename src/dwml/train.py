@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -203,7 +204,8 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
     t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume, stop_after)
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
@@ -220,6 +222,9 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
     cfg, rt = run.cfg, run.rt
     t, d = cfg.train, cfg.distill
+    # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+    run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+    rt.barrier()
     resumed = run.restore() if resume else False
     run.open_log(resumed)
     if run.step == 0 and rt.is_master:
@@ -320,6 +325,7 @@ class Trainer:
         if not ckpts:
             return False
         state = load_checkpoint(ckpts[-1])
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
         if len(state["students"]) != len(self.students):
             raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
                             f"config has {len(self.students)}")
@@ -507,6 +513,7 @@ class Trainer:
             "config": config_mod.to_toml(self.cfg),
             "elapsed_s": self.elapsed(),
             "initial_valid_loss": self.initial_valid,
+            "run_id": self.run_id,
         }
         if self.rt.is_master:
             save_checkpoint(self.run_dir, self.step, state)
