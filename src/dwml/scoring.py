@@ -28,6 +28,7 @@ import bisect
 import contextlib
 import hashlib
 import itertools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -198,6 +199,11 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
 _COPY_CACHE: OrderedDict = OrderedDict()
 
 
+def clear_copy_cache() -> None:
+    """Forget every cached `MaskedCopies` (benchmarks time the cold path with it; memory is freed)."""
+    _COPY_CACHE.clear()
+
+
 def cached_masked_copies(tokenizer, texts: list[str], prefix_chars: list[int], method: str,
                          max_length: int | None) -> MaskedCopies:
     """`build_masked_copies`, memoised per process on (the tokenizer's full definition, texts, method, max_length):
@@ -271,8 +277,8 @@ class PeerEnsemble(torch.nn.Module):
 
     def _mix(self, peer_log_probs) -> torch.Tensor:
         # log sum_i omega_i p_i, computed stably in fp32; zero-weight peers are skipped entirely.
-        terms = [lp + torch.log(torch.tensor(w, dtype=lp.dtype, device=lp.device))
-                 for w, lp in peer_log_probs if w > 0]
+        # (log w as a Python scalar: no host-to-device copy per batch)
+        terms = [lp + math.log(w) for w, lp in peer_log_probs if w > 0]
         return torch.logsumexp(torch.stack(terms), dim=0)
 
     def masked_log_probs(self, input_ids, attention_mask, positions) -> torch.Tensor:
