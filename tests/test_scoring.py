@@ -128,6 +128,32 @@ def test_bf16_is_close_to_fp32_but_not_equal(model, tok, sentences):
         score_sentences(model, tok, sentences, precision="fp16")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_per_batch_on_cuda(model, tok, sentences):
+    """The device loop launches work only: the host syncs as often with 40 batches as with 3 (the copies' transfer to
+    the device and the one read-back), and fp32 runs without TF32."""
+    import warnings
+
+    gpu = make_model(tok, seed=0).cuda()
+
+    def syncs(budget: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                score_sentences(gpu, tok, sentences, token_budget=budget)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    score_sentences(gpu, tok, sentences)  # warm-up (and fill the copy cache)
+    assert syncs(4096) == syncs(20)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    fp32 = score_sentences(gpu, tok, sentences, precision="fp32")
+    assert torch.backends.cuda.matmul.allow_tf32  # restored
+    assert max(abs(a - b) for a, b in zip(fp32, score_sentences(model, tok, sentences))) < 1e-4
+
+
 # ------------------------------------------------------------------------------------------- cached copies
 
 

@@ -9,7 +9,7 @@ How the batched scorer keeps an accelerator busy:
 - The texts are tokenised in one batch call and every masked copy (text, masked span, scored position) is listed with
   array operations (`build_masked_copies`), once per (tokenizer, texts, method): the result is cached in-process, so
   the peers and the ensemble of one `dwml eval` (and every run of a `dwml experiment`) reuse it.
-- Copies are sorted by length and packed into batches of *one* length, at most `token_budget` tokens each: no
+- Copies are listed by length and packed into batches of *one* length, at most `token_budget` tokens each: no
   padding, no attention mask (the fused attention kernels need none, and no mask check syncs the host).
 - The hot loop only launches device work: the copies live on the device, each batch is a slice of them, the masked
   ids are built there, and the LM head runs only at the single masked position of each row (the vocabulary
@@ -48,7 +48,8 @@ _CACHE_SIZE = 8  # entries of masked copies kept per process (a full BLiMP entry
 
 @dataclass
 class MaskedCopies:
-    """All masked copies of a list of texts. Copy k masks tokens [pos[k], end[k]) of text sent[k], reads pos[k]."""
+    """All masked copies of a list of texts. Copy k masks tokens [pos[k], end[k]) of text sent[k], reads pos[k].
+    Copies are listed by increasing text length (in text and position order within one length)."""
 
     ids: torch.Tensor  # (S, T_max) long: the tokenized texts, right-padded
     lengths: torch.Tensor  # (S,) long
@@ -100,8 +101,10 @@ def build_masked_copies(tokenizer, texts: Sequence[str], prefix_chars: Sequence[
         end = run_last + 1 - starts[sent_of]
     padded = np.full((len(lengths), int(lengths.max(initial=1))), pad_id, dtype=np.int64)
     padded[sent_of, pos] = ids
+    copy = np.flatnonzero(scored)
+    copy = copy[np.argsort(lengths[sent_of[copy]], kind="stable")]  # shortest texts first: batches of one length
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-    return MaskedCopies(t(padded), t(lengths), t(sent_of[scored]), t(pos[scored]), t(end[scored]), t(ids[scored]),
+    return MaskedCopies(t(padded), t(lengths), t(sent_of[copy]), t(pos[copy]), t(end[copy]), t(ids[copy]),
                         mask_id=mask_id, pad_id=pad_id)
 
 
@@ -170,14 +173,12 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
         token_budget = DEFAULT_TOKEN_BUDGET.get(device.type, DEFAULT_TOKEN_BUDGET["cpu"])
     if token_budget < 1:
         raise DwmlError(f"--token-budget: expected a positive number of tokens, got {token_budget}")
-    copy_len = copies.lengths[copies.sent]
-    order = torch.argsort(copy_len, stable=True)
-    batches = _pack(copy_len[order].tolist(), token_budget)  # planned on the host, before any device work
-    # The copies in length order, on the device once; every batch below is a slice of them.
-    sent, pos, end, target = (x[order].to(device) for x in (copies.sent, copies.pos, copies.end, copies.target))
+    batches = _pack(copies.lengths[copies.sent].tolist(), token_budget)  # planned on the host, before device work
+    # The copies (sorted by length), on the device once; every batch below is a slice of them.
+    sent, pos, end, target = (x.to(device) for x in (copies.sent, copies.pos, copies.end, copies.target))
     text_ids = copies.ids.to(device)
     cols = torch.arange(text_ids.shape[1], device=device)
-    token_logp = torch.empty(len(order), dtype=torch.float32, device=device)
+    token_logp = torch.empty(len(sent), dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -192,7 +193,7 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
     finally:
         model.train(was_training)
     sums = torch.zeros(len(texts), dtype=torch.float64)
-    sums.index_add_(0, copies.sent[order], token_logp.cpu().double())  # the one host sync
+    sums.index_add_(0, copies.sent, token_logp.cpu().double())  # the one host sync
     return [float(sums[j]) for j in index]
 
 
