@@ -118,7 +118,7 @@ def test_evaluate_model_folder(tmp_path, tok):
     assert (tasks["ewok_fast"]["n"], len(tasks["ewok_fast"]["groups"])) == (22, 11)
     for t in tasks.values():
         assert 0 <= t["strict_macro_accuracy"] <= t["macro_accuracy"] <= 100 and t["ties"] <= t["correct"] <= t["n"]
-    assert (res["precision"], res["ewok_pairing"], res["ties"]) == ("fp32", "targets", "correct")
+    assert (res["precision"], res["ewok_pairing"], res["ties_count_as"]) == ("fp32", "targets", "correct")
     model = res["models"]["mymodel"]
     assert model["strict_summary"]["blimp_fast"] == tasks["blimp_fast"]["strict_macro_accuracy"]
     assert model["ties"] == {t: r["ties"] for t, r in tasks.items()}

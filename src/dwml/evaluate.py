@@ -194,8 +194,8 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     `out_file` also writes the result there as JSON (atomically). The texts are tokenised and their masked copies
     built once for all models (`dwml.scoring.cached_masked_copies`).
 
-    Returns {"path", "kind": "model"|"run", "method", "precision", "ewok_pairing", "ties", "tasks", "limit", "device",
-             "omega", "models": {name: {"tasks": {task: summarize(...)}, "summary": {task: macro %},
+    Returns {"path", "kind": "model"|"run", "method", "precision", "ewok_pairing", "ties_count_as", "tasks", "limit",
+             "device", "omega", "models": {name: {"tasks": {task: summarize(...)}, "summary": {task: macro %},
                                         "strict_summary": {task: macro % with ties wrong}, "ties": {task: n},
                                         "seconds"}}}.
     """
@@ -211,7 +211,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     task_pairs = {t: load_task(t, data_dir, limit, ewok_pairing) for t in task_names}
     entries, omega = find_models(path)
     result = {"path": str(path), "kind": "run" if omega is not None else "model", "method": method,
-              "precision": precision, "ewok_pairing": ewok_pairing, "ties": TIES_RULE,
+              "precision": precision, "ewok_pairing": ewok_pairing, "ties_count_as": TIES_RULE,
               "tasks": task_names, "limit": limit, "data_dir": str(data_dir), "device": str(dev),
               "token_budget": token_budget, "omega": omega, "models": {}}
 
