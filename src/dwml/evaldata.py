@@ -9,11 +9,11 @@ Conventions follow BabyLM's 2025 evaluation pipeline (`evaluation_pipeline/sente
   "syntax/semantics", as the pipeline does).
 - Supplement: grouped by file name; sentences are scored verbatim, so the "\\n" between dialogue turns stays in the
   text and becomes an ordinary (byte-level) token, as in the pipeline.
-- EWoK, `ewok_pairing="targets"` (default, as BabyLM 2024 and 2025 score it): `Context1 + " " + Target1` (good) vs
-  `Context1 + " " + Target2` (bad), only the target tokens summed - which target fits the context better.
+- EWoK, `ewok_pairing="targets"` (default, as BabyLM's pipeline scores it: `decode_ewok` of evaluation-pipeline-2025,
+  read at 248fbcc): `Context1 + " " + Target1` (good) vs `Context1 + " " + Target2` (bad), only the
+  target tokens (completions `" " + Target`) summed - which target fits the context better.
   `ewok_pairing="contexts"` (dwml's earlier default): the same `Target1` after `Context1` (good) vs after `Context2`
-  (bad) - in which context is the target more plausible. The two agree on about half of the items only, so only
-  `targets` numbers are comparable with BabyLM's. BabyLM's `ewok_filtered` files hold every item twice (the second
+  (bad) - in which context is the target more plausible. Only `targets` numbers are comparable with BabyLM's. BabyLM's `ewok_filtered` files hold every item twice (the second
   copy with contexts and targets swapped), so both pairings test both targets and both contexts.
 
 EWoK's terms forbid plain text online, so it is read straight from its password-protected zip and never written out.
