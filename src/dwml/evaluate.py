@@ -90,7 +90,7 @@ def item_record(pairs: Sequence[MinimalPair], outcomes: list[tuple[bool, bool]],
             "ties_correct": True, "group_names": group_names, "group": [index[p.group] for p in pairs]}
 
 
-def item_outcomes(task_result: dict) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", list[str]]:
+def item_outcomes(task_result: dict) -> tuple:
     """(correct bool[n], tie bool[n], group index int[n], group names) of one task's result from `summarize`;
     `correct` in the BabyLM form (ties correct), also for records written before that was the rule."""
     import numpy as np
