@@ -22,6 +22,7 @@ def test_gpu_config_as_written(tmp_path):
     steps = {(p.config.train.max_steps, p.config.train.batch_size, p.config.data.seq_len) for p in plans}
     assert steps == {(360, 256, 128)}  # equal tokens per student: 11.8M
     assert all(p.config.model.dropout == 0.0 and p.config.train.schedule == "linear" for p in plans)
+    assert all(p.config.model.family == "modernbert" for p in plans)
 
 
 @pytest.mark.slow  # ~40 s alone, minutes on the shared 2-core machine (loads the full evaluation sets)
