@@ -55,6 +55,9 @@ def test_training_reports_entropy_and_plateau_exit(tiny_prepared, tmp_path):
     history = valid_history(tmp_path / "run" / "metrics.jsonl", 1)[0]
     expected = next((s for s, v in history if v <= entropy - 0.5), None)
     assert summary["peers"][0]["plateau_exit_step"] == expected
+    from dwml.trainer_cli import format_summary
+
+    assert "plateau exit" in format_summary(summary) and f"{entropy:.4f} nats" in format_summary(summary)
 
 
 def test_validation_masks_at_eval_mask_prob_whatever_the_training_rate(tiny_prepared, tmp_path):
