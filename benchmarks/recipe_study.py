@@ -53,6 +53,9 @@ VARIANTS: list[tuple[str, str, dict]] = [
       "data.mask_prob": 0.3}),
     ("nodrop_linear_mask30", "dropout 0, lr 3e-3, linear decay to 0, 30% masking",
      {"model.dropout": 0.0, "train.schedule": "linear", "train.min_lr_ratio": 0.0, "data.mask_prob": 0.3}),
+    ("modernbert_linear_mask30", "ModernBERT tiny, dropout 0, lr 3e-3, linear decay to 0, 30% masking",
+     {"model.family": "modernbert", "model.dropout": 0.0, "train.schedule": "linear", "train.min_lr_ratio": 0.0,
+      "data.mask_prob": 0.3}),
     ("modernbert_hilr_linear", "ModernBERT tiny (pre-norm, RoPE, GeGLU; same parameters), dropout 0, lr 8e-3, "
      "linear decay to 0",
      {"model.family": "modernbert", "model.dropout": 0.0, "train.lr": 8e-3, "train.schedule": "linear",
