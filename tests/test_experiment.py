@@ -95,6 +95,8 @@ def test_sweep_expansion_and_order(tmp_path):
     (('name = "mlm"', 'name = "teacher"'), r"duplicate run name 'teacher'"),
     (("[prepare]", "[data]\nprepared = 'x'\n[prepare]"), r"either \[prepare\].*or \[data\] prepared"),
     (("[base.data]", "[eval]\ntasks = ['blimpp']\n[base.data]"), r"eval.tasks: .*unknown task 'blimpp'"),
+    (("[base.data]", "[eval]\nprecision = 'fp16'\n[base.data]"), r"eval.precision: expected one of"),
+    (("[base.data]", "[eval]\newok_pairing = 'both'\n[base.data]"), r"eval.ewok_pairing: expected one of"),
     (("[base.data]", "[finetune]\nenabled = true\nepochs = 0\n[base.data]"), r"finetune.epochs"),
     (("[base.data]", "[finetune]\nmodels = 'some'\n[base.data]"), r"finetune.models: expected best\|all"),
 ])
@@ -250,6 +252,7 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
 def test_parse_experiment_defaults():
     cfg = parse_experiment({"runs": [{"name": "a", "method": "mlm"}]}, "x")
     assert cfg.eval.tasks == ["blimp_filtered", "blimp_supplement", "ewok"] and not cfg.finetune.enabled
+    assert (cfg.eval.precision, cfg.eval.ewok_pairing) == ("fp32", "targets")  # BabyLM-comparable by default
     assert cfg.search is None and cfg.sweep is None and cfg.out_dir == "runs/experiment"
     with pytest.raises(DwmlError, match=r"x: runs: expected at least one"):
         parse_experiment({}, "x")

@@ -117,6 +117,18 @@ def test_main_table_marks_best_peer_and_ensemble(results):
     assert rows[3][2] == "peer0 ★"
 
 
+def test_tables_show_strict_accuracy_and_ties(results):
+    """BabyLM-form accuracy (ties correct) is the headline; the strict mean and the tie count stand beside it."""
+    ev = evaluation({"peer0": [60, 50, 55]})
+    ev["models"]["peer0"].update(strict_summary=dict(zip(TASKS, [58, 50, 52])), ties=dict(zip(TASKS, [3, 0, 4])))
+    results["runs"][0]["models"] = model_rows(summary([1.0], [500_000], [5.0], learned=False), ev, None)
+    for md in (main_table(results), peer_table(results)):
+        header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+        mlm = table_rows(md)[0]
+        assert [mlm[header.index(c)] for c in ("Zero-shot mean", "Strict mean", "Ties")] == ["55.0", "53.3", "7"]
+        assert table_rows(md)[1][header.index("Ties")] == "–"  # an evaluation without the strict numbers
+
+
 def test_peer_table_has_every_model_and_glue_tasks(results):
     md = peer_table(results)
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
