@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .runtime import resolve_device as runtime_resolve_device
+from .checks import check_finite_scores, check_model_tokenizer, check_out_file, model_files
 from .errors import DwmlError
 from .evaldata import MinimalPair, TASKS, default_data_dir, load_task, parse_tasks
 from .io import write_json
@@ -102,6 +103,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll
         pairs = task_pairs[task] if task_pairs is not None else load_task(task, data_dir, limit)
         start = time.perf_counter()
         good, bad = score_pairs(model, tokenizer, pairs, method=method, token_budget=token_budget, device=device)
+        check_finite_scores(list(good) + list(bad), f"{task}")
         out[task] = summarize(pairs, good, bad)
         out[task]["seconds"] = round(time.perf_counter() - start, 3)
         if log:
@@ -124,11 +126,11 @@ def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise DwmlError(f"{path}: not a model folder (no config.json)")
-    try:
+    check_model_tokenizer(path)  # without tokenizer files transformers builds an empty one (everything ties)
+    with model_files(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DwmlError(f"{path}: cannot load masked LM or tokenizer ({str(e).splitlines()[0]})") from None
+    check_model_tokenizer(path, tokenizer, model)
     return model.to(device).eval(), tokenizer
 
 
@@ -181,6 +183,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     """
     if method not in METHODS:
         raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
+    check_out_file(out_file)  # before the work, not after it
     task_names = parse_tasks(tasks)
     dev = resolve_device(device)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checks import check_finite_weights, check_model_tokenizer, check_out_dir, check_same_tokenizer, model_files
 from .errors import DwmlError
 from .io import atomic_dir, read_json, write_text
 
@@ -81,8 +82,14 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
     if not 0 <= peer < n:
         raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
     src = run_dir / "final" / f"peer{peer}"
-    model = AutoModelForMaskedLM.from_pretrained(src)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    check_model_tokenizer(src)
+    # The tokenizer must be the one the run was trained with (its hash is in the summary since dwml records it).
+    check_same_tokenizer(src, summary.get("tokenizer_sha256"), f"the one {run_dir} was trained with")
+    with model_files(src):
+        model = AutoModelForMaskedLM.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    check_model_tokenizer(src, tokenizer, model)
+    check_finite_weights(model, str(src))
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -100,6 +107,7 @@ def register(sub) -> None:
 
 def run_export(args) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "export" / f"peer{args.peer}"
+    check_out_dir(out)
     export_peer(args.run, args.peer, out)
     print(f"exported peer {args.peer} of {args.run} -> {out}")
     return 0

@@ -358,7 +358,10 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def load_tokenizer(model_dir: Path):
+    from .checks import check_model_tokenizer
+
     check_model_dir(model_dir)
+    check_model_tokenizer(model_dir)  # without tokenizer files transformers would build an empty tokenizer
     try:
         with _quiet_transformers():
             from transformers import AutoTokenizer
@@ -376,9 +379,11 @@ def load_classifier(model_dir: Path, num_labels: int):
     Only the classifier may be missing from the checkpoint: any other missing weight means the folder does not hold
     the encoder we meant to evaluate, and fine-tuning a randomly initialised encoder would report a misleading score.
     """
+    from .checks import model_files
+
     check_model_dir(model_dir)
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), model_files(model_dir):
             from transformers import AutoModelForSequenceClassification
 
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -668,6 +673,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from .checks import check_out_file
+
+    check_out_file(args.out)  # before the fine-tuning, not after it
     cfg = config_from_args(args)
     models = resolve_models(args.model, args.peer)
     results = {}

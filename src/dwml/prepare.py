@@ -11,6 +11,7 @@ Output directory (written whole, atomically - a failure leaves nothing behind):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,9 @@ from .corpus import Document, count_words, discover_files, group_by_source, read
 from .errors import DwmlError
 from .io import atomic_dir, write_json, write_text
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
-from .tokenizer import DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer
+from .checks import check_out_dir, tokenizer_fingerprint
+from .tokenizer import (DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_max_length, check_vocab_size, save_tokenizer,
+                        train_tokenizer)
 
 SPLITS = ("train", "valid")
 
@@ -69,6 +72,7 @@ def prepare(
     """Read + clean -> split -> train the tokenizer on train only -> shards, text, meta.json. Returns meta.json."""
     t_start = time.perf_counter()
     check_vocab_size(vocab_size)
+    check_max_length(model_max_length)
     dtype_for_vocab(vocab_size, dtype)  # fail before any work if a forced dtype cannot hold the vocabulary
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -117,6 +121,7 @@ def prepare(
             "files": [str(f) for f in files],
             "skipped_dirs": [str(s) for s in skipped],
             "tokenizer": "tokenizer",
+            "tokenizer_sha256": tokenizer_fingerprint(tmp / "tokenizer"),  # checked before training and at export
             "splits": splits,
             "timings_s": {
                 "read_clean_split": round(t_read - t_start, 3),
@@ -149,6 +154,7 @@ def format_summary(meta: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     inputs = args.inputs or [default_corpus_path()]
     meta = prepare(
         inputs,
@@ -164,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         errors="replace" if args.on_bad_utf8 == "replace" else "strict",
     )
     print(format_summary(meta))
+    if meta["vocab_size"] < meta["vocab_size_requested"]:
+        print(f"note: vocabulary clamped: --vocab-size {meta['vocab_size_requested']} requested, but the corpus "
+              f"yields only {meta['vocab_size']} tokens (every merge with frequency >= {meta['min_frequency']})",
+              file=sys.stderr)
     print(f"wrote {Path(args.out)}")
     return 0
 

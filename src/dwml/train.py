@@ -22,6 +22,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_prepared_tokenizer, \
+    check_same_tokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -50,10 +52,13 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         from .search import load_peer_archs
 
         archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
+        for i, (_, a) in enumerate(archs):
+            check_peer_arch(a.to_dict(), vocab_size, positions, f"{m.peers_file}: peers[{i}].arch")
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p)))
         elif isinstance(p, dict):
+            check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
             archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, **p}, f"model.peers[{i}]")))
         else:
             raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
@@ -203,6 +208,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     meta = load_meta(prepared)
     vocab_size = int(meta["vocab_size"])
     tokenizer_dir = prepared / "tokenizer"
+    tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
     archs = resolve_archs(cfg, vocab_size)
     n_students = len(archs)
 
@@ -231,8 +237,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     ckpts = list_checkpoints(run_dir) if resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1])
-        if len(state["students"]) != n_students:
-            raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, config has {n_students}")
+        check_checkpoint_matches(state, students, ckpts[-1])
         for s, sd in zip(students, state["students"]):
             s.load_state_dict(sd)
         for o, sd in zip(optimizers, state["optimizers"]):
@@ -298,6 +303,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         return out
 
     def save(step_now: int) -> None:
+        guard.check(students, omega.omega)  # a checkpoint never holds NaN weights
         state = {
             "step": step_now,
             "students": [s.state_dict() for s in students],
@@ -329,6 +335,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and rt.is_master), desc=method,
                dynamic_ncols=True)
     t_last, tok_since = time.perf_counter(), 0
+    guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, (t.log_every, t.eval_every, t.save_every), t.max_steps)
     while step < t.max_steps:
         lr_now = schedulers[0].get_last_lr()[0]
         for o in optimizers:
@@ -353,18 +360,23 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
                 outs = [(z.float(), [a.float() for a in aux]) for z, aux in outs]
                 loss, parts = loss_fn(outs, batch.labels, omega.omega.to(rt.device), teacher_logits(batch), d)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
+                guard.observe(loss)
             for k, v in parts.items():
                 acc = logs.setdefault(k, [0.0] * len(v))
                 for i, x in enumerate(v):
                     acc[i] += x * counts[micro] / sum(counts)
             tok_since += int(batch.attention_mask.sum())
-        grad_norms = []
-        for s, o, sc in zip(students, optimizers, schedulers):
-            if t.grad_clip > 0:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip)))
-            o.step()
+        norms = [torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip) for s in students] \
+            if t.grad_clip > 0 else []
+        guard.observe(norms)
+        apply_update = guard.step_ok(step + 1)  # False only for a skipped non-finite step (max_nonfinite_skips)
+        for o, sc in zip(optimizers, schedulers):
+            if apply_update:
+                o.step()
             sc.step()
+        grad_norms = [float(n) for n in norms]
         step += 1
+        guard.maybe_check(step)
 
         record: dict[str, Any] = {}
         if learn_omega and step % d.outer_every == 0:
@@ -417,6 +429,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
         torch.save({"students": [s.state_dict() for s in students], "omega": omega.omega.clone()},
                    Path(dump) / f"rank{rt.rank}.pt")
     summary = {}
+    guard.check(students, omega.omega)  # NaN weights are never exported
     if rt.is_master:
         final = validate()
         summary = {
@@ -433,7 +446,9 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             "train_tokens": int(batches.train.tokens_seen) * rt.world_size,
             "valid_ensemble_loss": final.get("valid_ensemble_loss"),
             "tokenizer": str(tokenizer_dir),
+            "tokenizer_sha256": tokenizer_sha,
         }
+        check_same_tokenizer(tokenizer_dir, tokenizer_sha, "the one this training started with")
         export_final(run_dir, students, tokenizer_dir, summary)
     rt.barrier()
     return summary
