@@ -303,7 +303,7 @@ def os_error_message(e: OSError) -> str | None:
     hint = _OS_ERRORS.get(e.errno)
     if hint is None:
         return None
-    where = e.filename if e.filename is not None else "output"
-    if e.filename2 is not None:
-        where = f"{where} -> {e.filename2}"
+    if e.filename is None:  # e.g. a write through a file object
+        return hint
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
     return f"{where}: {hint}"
