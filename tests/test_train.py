@@ -39,6 +39,7 @@ def test_mlm_learns_and_exports_hf_model(tiny_prepared, tmp_path):
     assert (run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in r for r in records) and records[0]["step"] == 0
+    assert all(r["data_wait_s"] >= 0 for r in records if "tokens_per_s" in r)
     model = AutoModelForMaskedLM.from_pretrained(run / "final" / "peer0")
     tok = AutoTokenizer.from_pretrained(run / "final" / "peer0")
     enc = tok(["the dog is <mask> ."], return_tensors="pt")
@@ -66,6 +67,14 @@ def test_killed_run_resumes_exactly(tiny_prepared, tmp_path, method):
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
     assert steps == sorted(set(steps))
+
+
+def test_prefetching_changes_nothing(tiny_prepared, tmp_path):
+    """Batches built ahead in a thread (data.prefetch) train exactly as batches built on demand."""
+    extra = {"model": {"peers": PEERS}, "train": {"method": "dwml", "max_steps": 6, "eval_every": 6}}
+    a = train(make_cfg(tiny_prepared, tmp_path / "sync", data={"prefetch": 0}, **extra))
+    b = train(make_cfg(tiny_prepared, tmp_path / "ahead", data={"prefetch": 3}, **extra))
+    assert a["peers"] == b["peers"] and a["omega"] == b["omega"] and a["train_tokens"] == b["train_tokens"]
 
 
 def test_dml_with_alpha0_equals_independent_mlm(tiny_prepared, tmp_path):

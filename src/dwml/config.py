@@ -29,6 +29,7 @@ class DataConfig:
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+    prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class RunConfig:
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:
