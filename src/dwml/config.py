@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ModelConfig:
     peers: list = field(default_factory=list)
     peers_file: str = ""
     dropout: float = 0.1
+    family: str = "roberta"  # roberta (the paper's model) | modernbert (pre-norm, RoPE, GeGLU; dwml.model)
 
 
 @dataclass
@@ -140,6 +142,8 @@ class RunConfig:
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
+        _check(self.model.family in MODEL_FAMILIES,
+               f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):

@@ -413,7 +413,8 @@ def search_settings(cfg: ExperimentConfig, vocab_size: int):
     from .model import POSITION_OFFSET
 
     s = cfg.search
-    return dataclasses.replace(s, vocab_size=s.vocab_size or vocab_size,
+    family = s.family or from_dict(RunConfig, cfg.base, "base").model.family  # the peers of [base]'s family
+    return dataclasses.replace(s, vocab_size=s.vocab_size or vocab_size, family=family,
                                max_positions=s.max_positions or seq_len + POSITION_OFFSET)
 
 

@@ -13,6 +13,10 @@ from .errors import DwmlError
 from .io import atomic_dir, read_json, write_text
 
 
+# How the model card names each model family (`dwml.model`).
+FAMILY_STYLE = {"roberta": "RoBERTa-style", "modernbert": "ModernBERT (pre-norm, rotary positions, GeGLU)"}
+
+
 def find_scores(run_dir: Path, peer: int) -> dict:
     """Scores of this peer from eval/finetune JSON files in the run directory (written by experiment/eval)."""
     found: dict = {}
@@ -28,20 +32,22 @@ def find_scores(run_dir: Path, peer: int) -> dict:
 def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
     p = summary["peers"][peer]
     a = p["arch"]
+    family = a.get("family", "roberta")
+    style = FAMILY_STYLE.get(family, family)
     omega = summary.get("omega") or []
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: fill-mask",
-        "tags: [babylm, masked-lm, roberta, knowledge-distillation, dwml]",
+        f"tags: [babylm, masked-lm, {family}, knowledge-distillation, dwml]",
         "---",
         f"# {run_dir.name} / peer {peer} ({p['name']})",
         "",
-        "RoBERTa-style masked language model trained with "
+        f"{style} masked language model trained with "
         f"**{summary['method']}** by [dwml](https://arxiv.org/abs/2411.16487)-style teacher-less distillation.",
         "",
         "## Architecture",
-        f"- layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
+        f"- family {family}, layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
         f"intermediate {a['intermediate']}, vocabulary {a['vocab_size']}, positions {a['max_positions']}",
         f"- parameters: {p['params']:,}",
         "",

@@ -51,9 +51,11 @@ H100_BF16_PEAK = 989.4e12
 
 
 def encoder_matmul_params(arch: Arch) -> int:
-    """N_enc = L (4 H^2 + 2 H I): the weights that multiply every token (no embeddings, biases or LayerNorms)."""
+    """N_enc = L (4 H^2 + 2 H I): the weights that multiply every token (no embeddings, biases or LayerNorms);
+    L (4 H^2 + 3 H I) for ModernBERT, whose GeGLU input projection is H -> 2I."""
     H, I = arch.hidden, arch.intermediate
-    return arch.layers * (4 * H * H + 2 * H * I)
+    ffn = 3 if arch.family == "modernbert" else 2
+    return arch.layers * (4 * H * H + ffn * H * I)
 
 
 def head_matmul_params(arch: Arch) -> int:

@@ -52,7 +52,8 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
     peers = summary["peers"]
     for i, p in enumerate(peers):
         a = p.get("arch", {})
-        arch = f"L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
+        family = "MB-" if a.get("family") == "modernbert" else ""  # as dwml.model.Arch.name
+        arch = f"{family}L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
         rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
     if len(peers) > 1:
         rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,

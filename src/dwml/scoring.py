@@ -22,7 +22,7 @@ import torch
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .errors import DwmlError
-from .model import masked_logits
+from .model import encoder_and_head, masked_logits
 
 METHODS = ("pll", "pll_word_l2r")
 DEFAULT_TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
@@ -116,12 +116,13 @@ def masked_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      positions: torch.Tensor) -> torch.Tensor:
     """fp32 log-probabilities (len(positions), V) at the flat indices `positions` of the (B*T) grid.
 
-    RoBERTa models run the encoder and apply the LM head to the gathered positions only (`dwml.model.masked_logits`);
-    any other AutoModelForMaskedLM falls back to full logits; a `PeerEnsemble` mixes its peers' distributions.
+    RoBERTa and ModernBERT models run the encoder and apply the LM head to the gathered positions only
+    (`dwml.model.masked_logits`); any other AutoModelForMaskedLM falls back to full logits; a `PeerEnsemble` mixes
+    its peers' distributions.
     """
     if hasattr(model, "masked_log_probs"):
         return model.masked_log_probs(input_ids, attention_mask, positions)
-    if hasattr(model, "roberta") and hasattr(model, "lm_head"):
+    if encoder_and_head(model) is not None:
         logits = masked_logits(model, input_ids, attention_mask, positions)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -44,7 +44,8 @@ from .shards import PackedSequences, load_meta
 
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
-    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset."""
+    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
+    Presets and peer tables are built in `model.family`; a peers file carries its own family, which must match."""
     m = cfg.model
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
@@ -54,16 +55,21 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
         for i, (_, a) in enumerate(archs):
             check_peer_arch(a.to_dict(), vocab_size, positions, f"{m.peers_file}: peers[{i}].arch")
+        families = sorted({a.family for _, a in archs})
+        if families != [m.family]:
+            raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
+                            f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
-            archs.append((p, get_preset(p)))
+            archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
             check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
-            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, **p}, f"model.peers[{i}]")))
+            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
+                                                              f"model.peers[{i}]")))
         else:
             raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
     if not archs:
-        a = get_preset(m.preset)
+        a = get_preset(m.preset, m.family)
         overrides = {k: getattr(m, k) for k in ("layers", "heads", "hidden", "intermediate") if getattr(m, k)}
         archs = [(m.preset, a.replace(**overrides) if overrides else a)]
     method = cfg.train.method
@@ -269,10 +275,9 @@ class Trainer:
         n = len(self.archs)
 
         # Students: a fresh init per peer from (seed, peer index), identical on every rank.
-        dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
         self.students: list[Student] = []
         for i, (_, arch) in enumerate(self.archs):
-            mlm = build_model(arch, seed=t.seed * 1000 + i, **dropout)
+            mlm = build_model(arch, seed=t.seed * 1000 + i, dropout=cfg.model.dropout)
             aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
             self.students.append(Student(mlm, aux).to(rt.device))
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
