@@ -53,12 +53,12 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         from .search import load_peer_archs
 
         archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
-        for i, (_, a) in enumerate(archs):
-            check_peer_arch(a.to_dict(), vocab_size, positions, f"{m.peers_file}: peers[{i}].arch")
         families = sorted({a.family for _, a in archs})
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
+        for i, (_, a) in enumerate(archs):
+            check_peer_arch(a.to_dict(), vocab_size, positions, f"{m.peers_file}: peers[{i}].arch")
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
