@@ -416,3 +416,18 @@ def test_huge_line_is_encoded_in_bounded_pieces_with_identical_ids(tiny_prepared
     assert got[:2] == whole[:2] and got[3] == whole[3]  # cut at word boundaries: the same ids
     assert len(got[2]) == pytest.approx(len(whole[2]), abs=2)  # a hard cut inside one "word" may differ at the seam
     assert np.array_equal(offsets, np.concatenate([[0], np.cumsum([len(g) for g in got])]))
+
+
+def test_disk_full_while_writing_a_checkpoint(tiny_prepared, tmp_path, monkeypatch, capsys):
+    """A real ENOSPC (writes to /dev/full) in the middle of torch.save: one line, no checkpoint, no temp file."""
+    import builtins
+
+    from dwml import checkpoint
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_prepared, out, "--max-steps", "2", "--set", "train.save_every=2")) == 2
+    assert "no space left on the device" in error_line(capsys)
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()

@@ -24,7 +24,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     """Write `state` for `step` (temp file + rename) and keep only the newest `keep` checkpoints."""
     path = checkpoint_path(run_dir, step)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # through a file object: a full disk raises OSError(ENOSPC), not an opaque error
+            torch.save(state, f)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
