@@ -1,7 +1,7 @@
 """Input and result checks that turn silent wrong results into one-line `DwmlError`s.
 
 * `NonFiniteGuard`: a NaN/inf loss or gradient norm stops training naming the step (or skips up to N steps), without
-  a host sync per step: the flags stay on the device and are read on log/save steps and before any export.
+  a host sync per step: the flags stay on the device and are read on log/eval/save/outer steps and before the export.
 * `check_finite_weights`: NaN weights are never exported or evaluated.
 * Tokenizer identity: `tokenizer_fingerprint` (a hash of what decides the token ids), `check_prepared_tokenizer`
   (prepared data has its tokenizer, of the data's vocabulary and recorded hash), `check_model_tokenizer` (a model
@@ -32,9 +32,10 @@ class NonFiniteGuard:
     """Watches every step's losses and gradient norms for NaN/inf.
 
     `max_skips == 0` (default): nothing is read back per step. Each step ORs a device-side "bad" flag and remembers the
-    first bad step on the device; `check()` (called on log steps, before every checkpoint and before the export) reads
-    it once and raises. A run therefore stops at the first logged step after the divergence, and no checkpoint or model
-    with NaN weights is ever written (the last good checkpoint stays the newest).
+    first bad step on the device; `check()` (on the steps that write something - log, validation, checkpoint, outer
+    step - and before the export) reads it once and raises. A run therefore stops at the first such step after the
+    divergence, before writing it: no NaN metrics line, checkpoint or model is written (the last good checkpoint stays
+    the newest).
 
     `max_skips > 0`: the decision to skip must be taken before the optimizer step, so `step_ok` reads the flag back
     every step (one host sync per step, the price of the option); a bad step's update is dropped (no optimizer step;

@@ -312,9 +312,10 @@ class Trainer:
         self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
         self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
         self.log: MetricsLog | None = None
-        # NaN/inf losses and gradient norms: flags stay on the device, read on log/eval/save steps (dwml.checks).
-        self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, (t.log_every, t.eval_every, t.save_every),
-                                    t.max_steps)
+        # NaN/inf losses and gradient norms: flags stay on the device, read on the steps that log, validate, save or
+        # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
+        cadences = (t.log_every, t.eval_every, t.save_every) + ((d.outer_every,) if self.learn_omega else ())
+        self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
 
     def close(self) -> None:
         """Stop the data threads (also on errors and interruptions)."""
