@@ -80,11 +80,11 @@ def model_folder(path: Path, tokenizer_from: Path | None, vocab_size: int = 1000
 # ---------------------------------------------------------------------------------------------- item 3: divergence
 
 
-def nan_at(monkeypatch, bad_steps: set[int]):
-    """Make the mlm loss NaN on the given (1-based) optimizer steps (batch_size 4, grad_accum 1: one call a step)."""
+def nan_at(monkeypatch, bad_steps: set[int], method: str = "mlm"):
+    """Make the loss NaN on the given (1-based) optimizer steps (batch_size 4, grad_accum 1: one call a step)."""
     from dwml import train as train_mod
 
-    real = train_mod.METHOD_LOSSES["mlm"]
+    real = train_mod.METHOD_LOSSES[method]
     calls = {"n": 0}
 
     def loss(outs, labels, *rest):
@@ -92,7 +92,7 @@ def nan_at(monkeypatch, bad_steps: set[int]):
         value, parts = real(outs, labels, *rest)
         return (value * float("nan") if calls["n"] in bad_steps else value), parts
 
-    monkeypatch.setitem(train_mod.METHOD_LOSSES, "mlm", loss)
+    monkeypatch.setitem(train_mod.METHOD_LOSSES, method, loss)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_prepared, tmp_path,
@@ -121,6 +121,21 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit(tiny_prepared, tmp_path, mo
     assert main(train_args(tiny_prepared, tmp_path / "skip2", "--max-steps", "3",
                            "--set", "train.max_nonfinite_skips=1")) == 2
     assert "2 non-finite steps > train.max_nonfinite_skips=1" in error_line(capsys)
+
+
+def test_nonfinite_dwml_stops_before_the_outer_step_logs(tiny_prepared, tmp_path, monkeypatch, capsys):
+    nan_at(monkeypatch, {3}, "dwml")
+    out = tmp_path / "dwml"
+    peers = "[{layers=1,heads=2,hidden=16,intermediate=32},{layers=1,heads=2,hidden=8,intermediate=16}]"
+    args = train_args(tiny_prepared, out, "--max-steps", "6", "--set", f"model.peers={peers}",
+                      "--set", "distill.outer_every=4", "--set", "train.log_every=100", "--set", "train.save_every=5",
+                      "--set", "data.heldout_sequences=8")
+    args[args.index("mlm")] = "dwml"
+    assert main(args) == 2
+    assert "non-finite loss or gradient norm at step 3" in error_line(capsys)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0]  # step 4's outer step never ran, nothing non-finite was logged
+    assert not (out / "final").exists() and not list(out.glob("checkpoints/*.pt"))
 
 
 def test_guard_reads_the_first_bad_step_only_when_checked():
