@@ -293,7 +293,8 @@ def test_meta_json_without_vocab_size(tiny_prepared, tmp_path, capsys):
 def test_non_utf8_eval_file_and_corrupt_ewok_zip_member(run, tmp_path, capsys):
     data = tmp_path / "evaldata"
     (data / "blimp_fast").mkdir(parents=True)
-    (data / "blimp_fast" / "x.jsonl").write_bytes(b'{"sentence_good": "a", "sentence_bad": "b"}\n{"sentence_good": "\xff"}\n')
+    (data / "blimp_fast" / "x.jsonl").write_bytes(b'{"sentence_good": "a", "sentence_bad": "b"}\n'
+                                                 b'{"sentence_good": "\xff"}\n')
     assert main(eval_args(run, data)) == 2
     assert "x.jsonl:2: not valid UTF-8" in error_line(capsys)
 

@@ -130,7 +130,8 @@ def check_finite_scores(scores: Sequence[float], where: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer identity
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:

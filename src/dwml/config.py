@@ -149,7 +149,8 @@ class RunConfig:
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:
-            _check(isinstance(w, (int, float)) and math.isfinite(w) and w > 0, f"distill.omega: expected positive numbers, got {d.omega}")
+            _check(isinstance(w, (int, float)) and math.isfinite(w) and w > 0,
+                   f"distill.omega: expected positive finite numbers, got {d.omega}")
         return self
 
 

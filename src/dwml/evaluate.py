@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .runtime import resolve_device as runtime_resolve_device
 from .checks import check_finite_scores, check_model_tokenizer, check_out_file, model_files
+from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import MinimalPair, TASKS, default_data_dir, load_task, parse_tasks
 from .io import write_json
@@ -103,7 +103,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll
         pairs = task_pairs[task] if task_pairs is not None else load_task(task, data_dir, limit)
         start = time.perf_counter()
         good, bad = score_pairs(model, tokenizer, pairs, method=method, token_budget=token_budget, device=device)
-        check_finite_scores(list(good) + list(bad), f"{task}")
+        check_finite_scores(list(good) + list(bad), task)
         out[task] = summarize(pairs, good, bad)
         out[task]["seconds"] = round(time.perf_counter() - start, 3)
         if log:

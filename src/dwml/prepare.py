@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .checks import check_out_dir, tokenizer_fingerprint
 from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from .errors import DwmlError
 from .io import atomic_dir, write_json, write_text
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
-from .checks import check_out_dir, tokenizer_fingerprint
 from .tokenizer import (DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_max_length, check_vocab_size, save_tokenizer,
                         train_tokenizer)
 
