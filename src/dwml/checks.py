@@ -8,7 +8,7 @@
   folder has tokenizer files that fit its embedding matrix).
 * `check_peer_arch`: a searched peer made for another vocabulary or sequence length is refused, not resized.
 * `check_checkpoint_matches`: a checkpoint of another architecture or number of students is refused before loading.
-* Output paths (`check_out_file`) and OS errors (`os_error_message`: disk full, read-only file system) as one line.
+* Output files (`check_out_file`) and OS errors (`os_error_message`: disk full, read-only file system) as one line.
 """
 from __future__ import annotations
 
@@ -277,14 +277,6 @@ def check_out_file(path: str | Path | None, flag: str = "--out") -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     require(parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
-
-
-def check_out_dir(path: str | Path, flag: str = "--out") -> None:
-    """An output directory that dwml replaces as a whole must not be the working directory or one of its parents."""
-    p = Path(path).resolve()
-    cwd = Path.cwd().resolve()
-    require(p != cwd and p not in cwd.parents,
-            f"{flag} {path}: is the working directory or one of its parents; give a new sub-directory")
 
 
 # errno -> what the user can do about it
