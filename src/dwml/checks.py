@@ -8,7 +8,7 @@
   folder has tokenizer files that fit its embedding matrix).
 * `check_peer_arch`: a searched peer made for another vocabulary or sequence length is refused, not resized.
 * `check_checkpoint_matches`: a checkpoint of another architecture or number of students is refused before loading.
-* Output files (`check_out_file`) and OS errors (`os_error_message`: disk full, read-only file system) as one line.
+* OS errors (`os_error_message`: disk full, read-only file system, permissions) as one line.
 """
 from __future__ import annotations
 
@@ -238,6 +238,15 @@ def check_peer_arch(arch: dict, vocab_size: int, max_positions: int, where: str)
                 f"--vocab-size {vocab_size} --max-positions {max_positions}")
 
 
+def check_peers_file(path: str | Path, vocab_size: int, max_positions: int) -> None:
+    """`check_peer_arch` for every peer of a `dwml search` JSON file (already validated by `load_peer_archs`), on the
+    values the file gives (a missing vocab_size / max_positions takes the data's)."""
+    from .io import read_json
+
+    for k, p in enumerate(read_json(path, "peers file")["peers"]):
+        check_peer_arch(p["arch"], vocab_size, max_positions, f"{path}: peers[{k}].arch")
+
+
 def check_checkpoint_matches(state: dict, students: Sequence[torch.nn.Module], path: str | Path) -> None:
     """Before loading: the checkpoint has as many students as the config and every tensor has the same name and
     shape (a checkpoint of another architecture, method or data would otherwise fail deep in load_state_dict)."""
@@ -264,20 +273,7 @@ def check_checkpoint_matches(state: dict, students: Sequence[torch.nn.Module], p
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Output paths and OS errors
-
-
-def check_out_file(path: str | Path | None, flag: str = "--out") -> None:
-    """An output *file*: refuse a directory (before any work, not after it) and a parent that is a file."""
-    if not path:
-        return
-    p = Path(path)
-    require(not p.is_dir(), f"{flag} {path}: is a directory; give a file name (e.g. {p / 'results.json'})")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    require(parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
-
+# OS errors
 
 # errno -> what the user can do about it
 _OS_ERRORS = {

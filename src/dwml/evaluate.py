@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import check_finite_scores, check_model_tokenizer, check_out_file, model_files
+from .checks import check_finite_scores, check_model_tokenizer, model_files
 from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import EWOK_PAIRINGS, MinimalPair, TASKS, check_ewok_pairing, default_data_dir, load_task, parse_tasks
@@ -203,7 +203,6 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     """
     if method not in METHODS:
         raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
-    check_out_file(out_file)  # before the work, not after it
     if precision not in PRECISIONS:
         raise DwmlError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     check_ewok_pairing(ewok_pairing)

@@ -673,9 +673,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .checks import check_out_file
-
-    check_out_file(args.out)  # before the fine-tuning, not after it
     cfg = config_from_args(args)
     check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
     models = resolve_models(args.model, args.peer)

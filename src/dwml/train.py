@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import rundir
-from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_prepared_tokenizer, \
-    check_same_tokenizer
+from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_peers_file, \
+    check_prepared_tokenizer, check_same_tokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -58,8 +58,7 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
-        for i, (_, a) in enumerate(archs):
-            check_peer_arch(a.to_dict(), vocab_size, positions, f"{m.peers_file}: peers[{i}].arch")
+        check_peers_file(m.peers_file, vocab_size, positions)
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
