@@ -170,6 +170,8 @@ def test_eval_refuses_a_model_without_tokenizer_or_with_a_larger_one(run, tmp_pa
     small = model_folder(tmp_path / "small", run / "final" / "peer0", vocab_size=300)
     assert main(eval_args(small, eval_data)) == 2
     assert "more than the model's vocabulary of 300" in error_line(capsys)
+    assert main(["finetune", str(small), "--tasks", "rte", "--device", "cpu"]) == 2
+    assert "more than the model's vocabulary of 300" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------- item 7: data tokenizer
