@@ -214,6 +214,8 @@ def test_export_checks_the_tokenizer_hash_of_the_run(run, tmp_path, capsys):
     assert main(["export", str(swapped), "--out", str(tmp_path / "hf")]) == 2
     assert "tokenizer differs from the one" in error_line(capsys)
     assert not (tmp_path / "hf").exists()
+    assert main(["eval", str(swapped), "--tasks", "blimp_fast", "--device", "cpu"]) == 2  # before any scoring
+    assert "tokenizer differs from the one" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------- item 8: peers file

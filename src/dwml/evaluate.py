@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import check_finite_scores, check_model_tokenizer, model_files
+from .checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
 from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import EWOK_PAIRINGS, MinimalPair, TASKS, check_ewok_pairing, default_data_dir, load_task, parse_tasks
@@ -172,6 +172,9 @@ def find_models(path: str | Path) -> tuple[list[tuple[str, Path]], list[float] |
         missing = [str(d) for _, d in peers if not (d / "config.json").is_file()]
         if missing:
             raise DwmlError(f"{summary_file}: {len(omega)} omega weights but missing peer folder(s) {missing}")
+        for _, d in peers:  # the run's own tokenizer (recorded at training), not one swapped in since
+            check_model_tokenizer(d)
+            check_same_tokenizer(d, summary.get("tokenizer_sha256"), f"the one {path} was trained with")
         return peers, [float(w) for w in omega]
     if (path / "config.json").is_file():
         return [(path.name or "model", path)], None
