@@ -30,6 +30,43 @@ DEFAULT_MAX_LENGTH = 128  # = the model's max_positions (130) - POSITION_OFFSET 
 GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+# Documents longer than this many characters are tokenised in pieces: the tokenizers library holds per-character
+# bookkeeping for a whole input at once (a 6 MB line needs ~0.5 GB to train on and ~1 GB to encode, 50 MB lines
+# ~10 GB), so one huge line must not be one input. Pieces are cut before a space that starts a word, which is a
+# pre-tokenizer boundary anyway, so the ids are the same as for the whole document (see `text_pieces`).
+MAX_PIECE_CHARS = 1 << 14
+
+
+def text_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `max_chars` characters whose tokenisations concatenate to the whole's.
+
+    Cuts fall right before a space followed by a non-space character: the byte-level pre-tokenizer always starts a
+    new pre-token there (" word", " 42", " !"), so no pre-token spans a cut and BPE (which merges only inside
+    pre-tokens) gives the same ids. Text without such a space in a whole window (e.g. 16k characters of one "word")
+    is cut hard; only the few tokens at such a cut can differ from encoding the whole.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start, n = [], 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and text[cut + 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def check_max_length(model_max_length: int) -> None:
+    """The tokenizer's model_max_length: at least <s>, one token and </s>."""
+    if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 3:
+        raise DwmlError(f"--max-length: expected an integer >= 3 (<s>, a token, </s>), got {model_max_length!r}")
+
+
 def check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_VOCAB_SIZE:
         raise DwmlError(
@@ -68,7 +105,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator((p for text in texts for p in text_pieces(text)), trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     tok.post_processor = processors.RobertaProcessing(

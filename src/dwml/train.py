@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import rundir
+from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_peers_file, \
+    check_prepared_tokenizer, check_same_tokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -56,10 +58,12 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
+        check_peers_file(m.peers_file, vocab_size, positions)
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
+            check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
             archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
                                                               f"model.peers[{i}]")))
         else:
@@ -268,8 +272,10 @@ class Trainer:
         t, d, method = cfg.train, cfg.distill, cfg.train.method
         self.run_dir = Path(cfg.out_dir)
         prepared = Path(cfg.data.prepared)
-        vocab_size = int(load_meta(prepared)["vocab_size"])
+        meta = load_meta(prepared)
+        vocab_size = int(meta["vocab_size"])
         self.tokenizer_dir = prepared / "tokenizer"
+        self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
         self.archs = resolve_archs(cfg, vocab_size)
         n = len(self.archs)
 
@@ -311,6 +317,10 @@ class Trainer:
         self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
         self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
         self.log: MetricsLog | None = None
+        # NaN/inf losses and gradient norms: flags stay on the device, read on the steps that log, validate, save or
+        # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
+        cadences = (t.log_every, t.eval_every, t.save_every) + ((d.outer_every,) if self.learn_omega else ())
+        self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
 
     def close(self) -> None:
         """Stop the data threads (also on errors and interruptions)."""
@@ -326,9 +336,7 @@ class Trainer:
             return False
         state = load_checkpoint(ckpts[-1])
         rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
-        if len(state["students"]) != len(self.students):
-            raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
-                            f"config has {len(self.students)}")
+        check_checkpoint_matches(state, self.students, ckpts[-1])  # and a dwml state of these students' shapes
         for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
                              (self.schedulers, "schedulers")):
             for m, sd in zip(modules, state[key]):
@@ -413,16 +421,20 @@ class Trainer:
                 loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
                                                  self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
+                self.guard.observe(loss)
             share = counts[micro] / sum(counts)
             for k, v in micro_parts.items():
                 parts[k] = parts[k] + v * share if k in parts else v * share
-        grad_norms = []
-        for s, o, sc in zip(self.students, self.optimizers, self.schedulers):
-            if t.grad_clip > 0:
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip))
-            o.step()
+        grad_norms = [torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip) for s in self.students] \
+            if t.grad_clip > 0 else []
+        self.guard.observe(grad_norms)
+        apply_update = self.guard.step_ok(self.step + 1)  # False only for a skipped step (max_nonfinite_skips)
+        for o, sc in zip(self.optimizers, self.schedulers):
+            if apply_update:
+                o.step()
             sc.step()
         self.step += 1
+        self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
         return StepStats(parts, grad_norms, micro_batches[-1])
 
     # -- outer step ---------------------------------------------------------------------------------------------
@@ -501,6 +513,7 @@ class Trainer:
 
     # -- checkpoint ---------------------------------------------------------------------------------------------
     def save(self) -> None:
+        self.guard.check(self.students, self.omega.omega)  # a checkpoint never holds NaN weights
         state = {
             "step": self.step,
             "students": [s.state_dict() for s in self.students],
@@ -529,6 +542,7 @@ class Trainer:
             torch.save({"students": [s.state_dict() for s in self.students], "omega": self.omega.omega.clone()},
                        Path(dump) / f"rank{rt.rank}.pt")
         summary: dict = {}
+        self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
         if rt.is_master:
             final = self.validate()
             summary = {
@@ -545,7 +559,9 @@ class Trainer:
                 "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
                 "valid_ensemble_loss": final.get("valid_ensemble_loss"),
                 "tokenizer": str(self.tokenizer_dir),
+                "tokenizer_sha256": self.tokenizer_sha,
             }
+            check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
             export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
         rt.barrier()
         return summary
