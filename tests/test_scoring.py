@@ -8,7 +8,7 @@ import torch
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dwml.errors import DwmlError
-from dwml.scoring import (PeerEnsemble, _pack, build_masked_copies, cached_masked_copies, masked_log_probs,
+from dwml.scoring import (PeerEnsemble, _no_tf32, _pack, build_masked_copies, cached_masked_copies, masked_log_probs,
                           score_sentences, score_sentences_naive)
 from evalfixtures import EVAL_DATA, blimp_sentences, make_model, make_tokenizer
 
@@ -117,6 +117,21 @@ def test_fp32_is_true_fp32_even_inside_an_outer_autocast(model, tok, sentences):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. called from a bf16 training loop
         inside = score_sentences(model, tok, sentences[:6], precision="fp32")
     assert inside == fp32 and max(abs(a - b) for a, b in zip(fp32, ref)) < 1e-4
+
+
+def test_no_tf32_switches_cublas_and_cudnn_to_ieee_and_restores_them():
+    """What fp32 scoring does on CUDA (the switches exist in CPU builds too): after `dwml.runtime` enabled TF32 with
+    the legacy flags, the matmul and convolution precision is IEEE inside and TF32 again afterwards."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with _no_tf32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_bf16_is_close_to_fp32_but_not_equal(model, tok, sentences):

@@ -349,19 +349,29 @@ def _precision(precision: str, device: torch.device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
         return
-    with torch.autocast(device_type=device.type, enabled=False):
-        if device.type != "cuda":
-            yield
-            return
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                 torch.get_float32_matmul_precision())
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-            torch.set_float32_matmul_precision(saved[2])
+    with torch.autocast(device_type=device.type, enabled=False), (
+            _no_tf32() if device.type == "cuda" else contextlib.nullcontext()):
+        yield
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """cuBLAS matmuls and cuDNN convolutions in IEEE fp32 (no TF32), restored afterwards. Uses torch's
+    `fp32_precision` switches where they exist: reading the legacy `allow_tf32` flags after someone set the new ones
+    raises, while the new ones read correctly after the legacy ones were set (as `dwml.runtime` does)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        knobs = [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        knobs = [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    saved = [getattr(obj, name) for obj, name, _ in knobs]
+    for obj, name, value in knobs:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(knobs, saved):
+            setattr(obj, name, value)
 
 
 def _pack(sorted_len: list[int], budget: int) -> list[tuple[int, int, int]]:
