@@ -195,7 +195,8 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
         model.train(was_training)
     sums = torch.zeros(len(texts), dtype=torch.float64)
     sums.index_add_(0, copies.sent, token_logp.cpu().double())  # the one host sync
-    return [float(sums[j]) for j in index]
+    values = sums.tolist()
+    return [values[j] for j in index]
 
 
 _COPY_CACHE: OrderedDict = OrderedDict()
