@@ -29,7 +29,8 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
-    heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+    heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
+    #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
 
 
@@ -91,6 +92,8 @@ class DistillConfig:
     omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
     l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
     hypergrad: str = "per_peer"  # exact mixed term of eq. (3): per_peer | double_backward | jvp
+    unroll: str = "adamw"  # inner step the outer step differentiates: adamw (the real one) | sgd (eq. 3) | direct
+    #                        (adamw's theta', mixed term dropped: ablation)
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
     teacher_weight: float = 0.5  # kd_dwml: weight of the teacher term
     sd_layers: list = field(default_factory=list)  # sd: layers with auxiliary heads; empty = all but the last
@@ -118,6 +121,8 @@ class RunConfig:
         _check(d.l2 in ("ensemble", "sum"), f"distill.l2: expected ensemble|sum, got {d.l2!r}")
         _check(d.hypergrad in ("per_peer", "double_backward", "jvp"),
                f"distill.hypergrad: expected per_peer|double_backward|jvp, got {d.hypergrad!r}")
+        _check(d.unroll in ("adamw", "sgd", "direct"),
+               f"distill.unroll: expected adamw|sgd|direct, got {d.unroll!r}")
         _check(0.0 <= d.teacher_weight <= 1.0, f"distill.teacher_weight: expected [0, 1], got {d.teacher_weight}")
         _check(t.max_steps >= 1, f"train.max_steps: expected >= 1, got {t.max_steps}")
         _check(t.batch_size >= 1, f"train.batch_size: expected >= 1, got {t.batch_size}")

@@ -67,7 +67,7 @@ import numpy as np
 
 from .config import from_dict, read_toml
 from .errors import DwmlError
-from .io import write_json
+from .io import check_output_file, write_json
 from .model import FAMILIES, PRESETS, Arch, count_params, get_preset
 
 # An architecture already chosen by an earlier peer costs this much objective (a factor e in size): enough that BO
@@ -526,6 +526,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_search_cli(args) -> int:
+    check_output_file(args.out)  # before the search: a directory or a foreign file at --out is refused now
     cfg = load_search_config(args.config) if args.config else SearchConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)
                  if getattr(args, f.name, None) is not None}

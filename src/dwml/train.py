@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -167,8 +168,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
     n = len(valid_seqs)
     # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
-    # validation losses are never the ones omega was fitted on.
-    n_held = min(dcfg.heldout_sequences, n // 2) if need_heldout else 0
+    # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
+    # learned omega or not, so all runs of an experiment report on the same sequences.
+    n_held = min(dcfg.heldout_sequences, n // 2)
     report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
     report = _Subset(valid_seqs, report_idx)
     bs = min(t.eval_batch_size, len(report))
@@ -205,7 +207,8 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
     t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume, stop_after)
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
@@ -222,6 +225,9 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
     cfg, rt = run.cfg, run.rt
     t, d = cfg.train, cfg.distill
+    # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+    run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+    rt.barrier()
     resumed = run.restore() if resume else False
     run.open_log(resumed)
     if run.step == 0 and rt.is_master:
@@ -322,6 +328,7 @@ class Trainer:
         if not ckpts:
             return False
         state = load_checkpoint(ckpts[-1])
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
         if len(state["students"]) != len(self.students):
             raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
                             f"config has {len(self.students)}")
@@ -426,7 +433,9 @@ class Trainer:
         """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
         d, rt = self.cfg.distill, self.rt
         held = self.next_batch(self.batches.heldout)
-        gamma = lr if d.gamma < 0 else d.gamma
+        # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
+        # next real step uses) unless distill.gamma overrides it.
+        gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
         # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
         inner = batch.head(held.input_ids.shape[0])
@@ -435,7 +444,9 @@ class Trainer:
         g, info = hypergradient(
             self.students, inner, held, self.omega.omega.to(rt.device),
             alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
-            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward,
+            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=self.teacher_logits(inner),
+            teacher_weight=d.teacher_weight,
         )
         if rt.ddp:  # every rank must take the same omega step: average the hypergradients
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
@@ -443,7 +454,8 @@ class Trainer:
         self.omega.update(g, self.mirror)
         self.omega_device = self.omega.omega.to(rt.device)
         return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
-                    l2=float(info.get("l2", float("nan"))))
+                    l2=float(info.get("l2", float("nan"))),
+                    mixed_ratio=info["mixed_ratio"] if math.isfinite(info["mixed_ratio"]) else None)
 
     # -- log and validation -------------------------------------------------------------------------------------
     def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
@@ -504,6 +516,7 @@ class Trainer:
             "config": config_mod.to_toml(self.cfg),
             "elapsed_s": self.elapsed(),
             "initial_valid_loss": self.initial_valid,
+            "run_id": self.run_id,
         }
         if self.rt.is_master:
             save_checkpoint(self.run_dir, self.step, state)
