@@ -46,7 +46,8 @@ from .shards import PackedSequences, load_meta
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
     """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
-    Presets and peer tables are built in `model.family`; a peers file carries its own family, which must match."""
+    Presets and peer tables are built in `model.family`; a peers file (or table) that names another family is an
+    error rather than a silent switch of the family."""
     m = cfg.model
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
@@ -64,6 +65,8 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
             archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
             check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
+            if p.get("family", m.family) != m.family:  # e.g. searched peers of another family than this run's
+                raise DwmlError(f"model.peers[{i}]: a {p['family']} architecture, but model.family is {m.family}")
             archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
                                                               f"model.peers[{i}]")))
         else:
