@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.schedule)
 MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
@@ -29,6 +30,9 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
+    # Validation masks at this fixed rate whatever mask_prob trains with, so validation losses of recipes with
+    # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
+    eval_mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
     #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
@@ -56,8 +60,10 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warm-up: cosine | linear | trapezoid | constant (dwml.schedule)
+    cooldown_fraction: float = 0.2  # trapezoid: the last fraction of max_steps decays linearly, the rest is flat
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
@@ -145,11 +151,17 @@ class RunConfig:
         _check(0.0 <= self.model.dropout < 1.0, f"model.dropout: expected a value in [0, 1), got {self.model.dropout}")
         _check(math.isfinite(d.gamma), f"distill.gamma: expected a finite value, got {d.gamma}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
+        _check(t.warmup_steps >= 0, f"train.warmup_steps: expected >= 0, got {t.warmup_steps}")
+        _check(t.schedule in SCHEDULES, f"train.schedule: expected one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
+        _check(0.0 < t.cooldown_fraction <= 1.0,
+               f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(self.model.family in MODEL_FAMILIES,
                f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(0.0 < self.data.eval_mask_prob < 1.0,
+               f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")

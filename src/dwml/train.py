@@ -35,7 +35,9 @@ from .masking import BatchStream, MaskedBatch, Prefetcher
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
 from .metrics import MetricsLog
 from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
+from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
+from .schedule import lr_factor
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
 
@@ -91,14 +93,6 @@ def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
-
-
-def lr_factor(step: int, t) -> float:
-    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
@@ -180,7 +174,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     bs = min(t.eval_batch_size, len(report))
     if bs < 1:
         raise DwmlError(f"{prepared}: valid split is empty")
-    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, **common)
+    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
+    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
+                          mask_prob=dcfg.eval_mask_prob)
     n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
     valid = [next(vstream) for _ in range(n_valid)]
     heldout = None
@@ -277,6 +273,7 @@ class Trainer:
         prepared = Path(cfg.data.prepared)
         meta = load_meta(prepared)
         vocab_size = int(meta["vocab_size"])
+        self.unigram = train_unigram_entropy(prepared, meta)  # the "frequencies only" loss, next to valid loss
         self.tokenizer_dir = prepared / "tokenizer"
         self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
         self.archs = resolve_archs(cfg, vocab_size)
@@ -506,13 +503,14 @@ class Trainer:
 
     def initial_validation(self) -> None:
         first = self.validate()
-        self.log.write(step=0, **first, omega=self.omega.omega.tolist())
+        self.log.write(step=0, **first, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
         self.initial_valid = first["valid_loss"]
 
     def log_validation(self, bar) -> None:
         v = self.validate()
-        self.log.write(step=self.step, **v, omega=self.omega.omega.tolist())
-        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"]))
+        self.log.write(step=self.step, **v, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
+        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"])
+                  + f" (unigram entropy {self.unigram:.4f})")
 
     # -- checkpoint ---------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -548,15 +546,20 @@ class Trainer:
         self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
         if rt.is_master:
             final = self.validate()
+            history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
+            exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
+                     for h, v in zip(history, final["valid_loss"])]
             summary = {
                 "method": self.cfg.train.method,
                 "steps": self.step,
                 "omega": self.omega.omega.tolist(),
                 "omega_learned": self.learn_omega,
                 "peers": [
-                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v}
-                    for (n, a), v in zip(self.archs, final["valid_loss"])
+                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v,
+                     "plateau_exit_step": x}
+                    for (n, a), v, x in zip(self.archs, final["valid_loss"], exits)
                 ],
+                "unigram_entropy": self.unigram,
                 "initial_valid_loss": self.initial_valid,
                 "train_seconds": self.elapsed(),
                 "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
