@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import DwmlError
 from .io import atomic_dir, read_json, write_text
+from .tokenizer import copy_tokenizer
 
 
 def find_scores(run_dir: Path, peer: int) -> dict:
@@ -70,7 +71,7 @@ def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
 
 
 def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     summary_path = run_dir / "final" / "summary.json"
@@ -82,10 +83,9 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
         raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
     src = run_dir / "final" / f"peer{peer}"
     model = AutoModelForMaskedLM.from_pretrained(src)
-    tokenizer = AutoTokenizer.from_pretrained(src)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(src, tmp)  # the tokenizer files in the format transformers 4.x and 5.x both load
         write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
     return out_dir
 

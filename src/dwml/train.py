@@ -35,6 +35,7 @@ from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, ge
 from .runtime import Runtime, compute_cleanup, compute_init
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
+from .tokenizer import copy_tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,13 +456,11 @@ def _gather_rng(rt: Runtime):
 
 def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
     """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     with atomic_dir(run_dir / "final") as tmp:
         for i, s in enumerate(students):
             s.mlm.save_pretrained(tmp / f"peer{i}")
-            tok.save_pretrained(tmp / f"peer{i}")
+            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
         write_json(tmp / "summary.json", summary)
