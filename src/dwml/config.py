@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also log metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/
 
 
 @dataclass
@@ -122,6 +123,10 @@ class RunConfig:
         _check(t.lr > 0, f"train.lr: expected > 0, got {t.lr}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
+        if t.tensorboard:
+            from .metrics import MISSING_TENSORBOARD, tensorboard_available
+
+            _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         if t.method in ("kd", "kd_dwml"):

@@ -251,7 +251,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
     if rt.is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl", step if ckpts else None, rt.is_master)
+    log = MetricsLog(run_dir / "metrics.jsonl", step if ckpts else None, rt.is_master, tensorboard=t.tensorboard)
 
     # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
     models = students
@@ -411,6 +411,7 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
             bar.close()
             raise Interrupted(f"stopped after step {step}")
     bar.close()
+    log.close()
 
     dump = os.environ.get("DWML_RANK_DUMP")
     if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
