@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dwml.errors import DwmlError
-from dwml.masking import BatchStream, MaskedBatch, collate, mask_tokens
+from dwml.masking import BatchStream, MaskedBatch, Prefetcher, collate, mask_tokens, sequence_noise
 from dwml.shards import PackedSequences
 
 V = 30000  # large, so a "random" replacement rarely equals the original token
@@ -32,6 +32,20 @@ def big_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mask_statistics():
     ids, att = big_batch()
     batch = mask_tokens(ids, att, generator=torch.Generator().manual_seed(0), vocab_size=V)
+    check_mask_statistics(ids, att, batch)
+    assert torch.equal(ids, big_batch()[0]) and torch.equal(batch.attention_mask, att)  # inputs not modified
+
+
+def test_stream_mask_statistics():
+    """The stream's counter-based noise gives the same 15% / 80-10-10 corruption as mask_tokens."""
+    ids, att = big_batch()
+    seqs = [row[: int(n)].numpy() for row, n in zip(ids, att.sum(1))]
+    batch = next(BatchStream(seqs, len(seqs), seed=4, vocab_size=V))
+    order = BatchStream(seqs, len(seqs), seed=4, vocab_size=V).epoch_indices(0)
+    check_mask_statistics(ids[order], att[order], batch)
+
+
+def check_mask_statistics(ids, att, batch):
     flat_in, flat_out = ids.flatten(), batch.input_ids.flatten()
     candidates = (att.flatten() == 1) & (flat_in >= 5)
     pos = batch.positions
@@ -46,11 +60,10 @@ def test_mask_statistics():
     random = ((out != 4) & (out != batch.labels)).float().mean().item()
     assert abs(masked - 0.8) < 0.015 and abs(random - 0.1) < 0.01 and abs(unchanged - 0.1) < 0.01
     assert out[(out != 4)].min() >= 5 and out.max() < V
-    # Outside the selected positions nothing changes; the input tensor is not modified in place.
+    # Outside the selected positions nothing changes.
     keep = torch.ones_like(flat_in, dtype=torch.bool)
     keep[pos] = False
-    assert torch.equal(flat_out[keep], flat_in[keep])
-    assert torch.equal(ids, big_batch()[0]) and torch.equal(batch.attention_mask, att)
+    assert torch.equal(flat_out[keep], flat_in[keep]) and torch.equal(batch.attention_mask, att)
 
 
 def test_mask_deterministic_given_generator():
@@ -161,3 +174,71 @@ def test_batch_head_keeps_the_masked_positions_of_its_rows():
     assert head.positions.tolist() == [1, 5, 7] and head.labels.tolist() == [1, 5, 7]
     assert torch.equal(head.input_ids.flatten()[head.positions], head.labels)
     assert batch.head(9) is batch
+
+
+def test_gather_equals_per_sequence_collate(tiny_prepared):
+    seqs = PackedSequences(tiny_prepared, "train", 48)
+    rng = np.random.default_rng(0)
+    for size in (1, 7, len(seqs)):
+        idx = rng.permutation(len(seqs))[:size]
+        ids, lengths = seqs.gather(idx, pad_id=1)
+        ref_ids, ref_mask = collate([seqs[int(i)] for i in idx], pad_id=1)
+        assert np.array_equal(ids, ref_ids.numpy()) and np.array_equal(lengths, ref_mask.sum(1).numpy())
+    with pytest.raises(IndexError):
+        seqs.gather(np.array([len(seqs)]), pad_id=1)
+
+
+def test_masks_depend_on_the_sequence_not_the_batch(tiny_prepared):
+    """A sequence is masked the same way in any batch size or padded width (hence on any DDP rank split)."""
+    seqs = PackedSequences(tiny_prepared, "train", 48)
+    small = BatchStream(seqs, 4, seed=9, vocab_size=seqs.shard.vocab_size)
+    large = BatchStream(seqs, 6, seed=9, vocab_size=seqs.shard.vocab_size)
+
+    def rows(batches):  # per sequence: (corrupted ids, selected flags), trimmed to its length
+        out = []
+        for b in batches:
+            selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
+            selected[b.positions] = True
+            for r, n in enumerate(b.attention_mask.sum(1).tolist()):
+                out.append((b.input_ids[r, :n], selected.view(b.input_ids.shape)[r, :n]))
+        return out
+
+    for _ in range(5):  # 12 sequences per round: 3 batches of 4 = 2 batches of 6, same permutation
+        for (a_ids, a_sel), (b_ids, b_sel) in zip(rows([next(small) for _ in range(3)]),
+                                                  rows([next(large) for _ in range(2)]), strict=True):
+            assert torch.equal(a_ids, b_ids) and torch.equal(a_sel, b_sel)
+    u0 = sequence_noise(9, 0, np.arange(8), 48, 1000, 5)[0]
+    assert not np.array_equal(u0, sequence_noise(9, 1, np.arange(8), 48, 1000, 5)[0])  # new masks every epoch
+    assert np.array_equal(u0, sequence_noise(9, 0, np.arange(8), 48, 1000, 5)[0])
+
+
+def test_prefetcher_keeps_order_and_resumes_at_the_consumed_batch():
+    seqs = toy_sequences()
+    reference = [next(s) for s in [BatchStream(seqs, 4, seed=2, vocab_size=200)] for _ in range(60)]
+    pre = Prefetcher(BatchStream(seqs, 4, seed=2, vocab_size=200), depth=3)
+    for k in range(30):
+        assert_same(next(pre), reference[k])
+    state = pre.state_dict()  # the thread has read ahead; the state is that of the 30 batches handed out
+    assert (state["epoch"], state["cursor"]) == (1, 5)
+    assert pre.tokens_seen == sum(r.n_tokens for r in reference[:30])
+    for k in range(30, 40):
+        assert_same(next(pre), reference[k])
+    pre.load_state_dict(state)  # rewind: the stream continues from batch 30 again
+    for k in range(30, 60):
+        assert_same(next(pre), reference[k])
+    pre.close()
+    resumed = Prefetcher(BatchStream(seqs, 4, seed=2, vocab_size=200))
+    resumed.load_state_dict(state)
+    assert_same(next(resumed), reference[30])
+    resumed.close()
+
+
+def test_prefetcher_raises_the_streams_error():
+    class Broken(list):
+        def __getitem__(self, i):
+            raise DwmlError("shard unreadable")
+
+    pre = Prefetcher(BatchStream(Broken(toy_sequences(8)), 4, seed=0, vocab_size=200))
+    with pytest.raises(DwmlError, match="shard unreadable"):
+        next(pre)
+    pre.close()

@@ -39,6 +39,7 @@ def test_mlm_learns_and_exports_hf_model(tiny_prepared, tmp_path):
     assert (run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in r for r in records) and records[0]["step"] == 0
+    assert all(r["data_wait_s"] >= 0 for r in records if "tokens_per_s" in r)
     model = AutoModelForMaskedLM.from_pretrained(run / "final" / "peer0")
     tok = AutoTokenizer.from_pretrained(run / "final" / "peer0")
     enc = tok(["the dog is <mask> ."], return_tensors="pt")
@@ -66,6 +67,14 @@ def test_killed_run_resumes_exactly(tiny_prepared, tmp_path, method):
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
     assert steps == sorted(set(steps))
+
+
+def test_prefetching_changes_nothing(tiny_prepared, tmp_path):
+    """Batches built ahead in a thread (data.prefetch) train exactly as batches built on demand."""
+    extra = {"model": {"peers": PEERS}, "train": {"method": "dwml", "max_steps": 6, "eval_every": 6}}
+    a = train(make_cfg(tiny_prepared, tmp_path / "sync", data={"prefetch": 0}, **extra))
+    b = train(make_cfg(tiny_prepared, tmp_path / "ahead", data={"prefetch": 3}, **extra))
+    assert a["peers"] == b["peers"] and a["omega"] == b["omega"] and a["train_tokens"] == b["train_tokens"]
 
 
 def test_dml_with_alpha0_equals_independent_mlm(tiny_prepared, tmp_path):
@@ -158,3 +167,30 @@ def test_grad_accumulation_equals_one_big_batch(tiny_prepared, tmp_path):
     a, b = _final_weights(tmp_path / "big"), _final_weights(tmp_path / "acc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_every_method_reports_on_the_same_valid_sequences(tiny_prepared, tmp_path):
+    """The held-out slice for DWML's L2 is left out of the reporting set of every run, not only of learned-omega
+    runs: an mlm and a dwml run of one experiment report validation loss on identical sequences and masks, and none
+    of them is an L2 sequence."""
+    from dwml.runtime import Runtime
+    from dwml.shards import PackedSequences, load_meta
+    from dwml.train import make_batches
+
+    rt = Runtime(torch.device("cpu"), None)
+    vocab = int(load_meta(tiny_prepared)["vocab_size"])
+    mlm = make_cfg(tiny_prepared, tmp_path / "mlm", train={"eval_batches": 100})
+    dwml = make_cfg(tiny_prepared, tmp_path / "dwml", train={"method": "dwml", "eval_batches": 100},
+                    model={"peers": PEERS})
+    a = make_batches(mlm, tiny_prepared, vocab, rt, need_heldout=False)
+    b = make_batches(dwml, tiny_prepared, vocab, rt, need_heldout=True)
+    assert a.heldout is None and b.heldout is not None
+    assert len(a.valid) == len(b.valid) > 0
+    for x, y in zip(a.valid, b.valid):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.positions, y.positions)
+        assert torch.equal(x.labels, y.labels)
+    # eval_batches is large enough for the whole reporting set: every valid sequence except the held-out ones
+    n_valid = len(PackedSequences(tiny_prepared, "valid", mlm.data.seq_len))
+    n_held = len(b.heldout.sequences)
+    assert 0 < n_held < n_valid
+    assert sum(vb.input_ids.shape[0] for vb in a.valid) == n_valid - n_held

@@ -2,7 +2,8 @@
 
 Every method sees the same inputs: the students' outputs (masked-position logits and, for self-distillation, the
 auxiliary heads' logits), the labels, the current peer weights omega and, for kd / kd_dwml, the frozen teacher's
-logits. Each returns the scalar to back-propagate and a dict of detached per-peer numbers for the log.
+logits. Each returns the scalar to back-propagate and a dict of detached per-peer tensors for the log: they stay on
+the device (no `.item()` per step, which would make the host wait for the GPU); the trainer reads them at log steps.
 """
 from __future__ import annotations
 
@@ -29,20 +30,21 @@ def _ce_each(outputs: Outputs, labels: torch.Tensor) -> list[torch.Tensor]:
 def loss_mlm(outputs, labels, omega, teacher_logits, d):
     """Plain masked LM. Several students are trained independently: their losses add, gradients never mix."""
     ces = _ce_each(outputs, labels)
-    return torch.stack(ces).sum(), {"ce": [c.item() for c in ces]}
+    ces = torch.stack(ces)
+    return ces.sum(), {"ce": ces.detach()}
 
 
 def loss_kd(outputs, labels, omega, teacher_logits, d):
     """Hinton et al. 2015: (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T), per student."""
     losses = [kd_loss(logits, teacher_logits, labels, d.alpha, d.temperature) for logits, _ in outputs]
-    return torch.stack(losses).sum(), {"ce": [c.item() for c in _ce_each(outputs, labels)]}
+    return torch.stack(losses).sum(), {"ce": torch.stack(_ce_each(outputs, labels)).detach()}
 
 
 def loss_sd(outputs, labels, omega, teacher_logits, d):
     """Zhang et al. 2019 ("Be your own teacher"): shallow auxiliary heads learn from labels and the deepest head."""
     (logits, aux), = outputs
     loss, parts = sd_loss(aux, logits, labels, d.alpha, d.temperature)
-    return loss, {"ce": [parts["final_ce"].item()], "aux_ce": parts["aux_ce"].tolist()}
+    return loss, {"ce": parts["final_ce"].detach().view(1), "aux_ce": parts["aux_ce"].detach()}
 
 
 def _peer_loss(outputs, labels, omega, d):
@@ -51,7 +53,7 @@ def _peer_loss(outputs, labels, omega, d):
         total, parts = dwml_inner_loss(logits, labels, omega, d.alpha, d.temperature)
     else:
         total, parts = dwml_loss(logits, labels, omega, d.alpha, d.temperature, detach_targets=False)
-    return total, {"ce": parts["ce"].tolist()}
+    return total, {"ce": parts["ce"].detach()}
 
 
 def loss_dml(outputs, labels, omega, teacher_logits, d):
@@ -70,7 +72,7 @@ def loss_kd_dwml(outputs, labels, omega, teacher_logits, d):
         [logits for logits, _ in outputs], teacher_logits, labels, omega,
         alpha=d.alpha, beta=d.teacher_weight, temperature=d.temperature, detach_targets=d.detach_targets,
     )
-    return total, {"ce": parts["ce"].tolist()}
+    return total, {"ce": parts["ce"].detach()}
 
 
 METHOD_LOSSES: dict[str, LossFn] = {

@@ -261,6 +261,32 @@ class PackedSequences:
         values[0] = BOS_ID
         return np.insert(tokens, where, values)
 
+    def gather(self, indices: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences `indices`, right-padded with `pad_id` to the longest: (ids (B, T) int64, lengths (B,) int64).
+
+        Row b equals `self[indices[b]]`, built for the whole batch with array ops (no per-sequence Python), so batch
+        construction stays off a GPU's critical path.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"gather: sequence indices must be in [0, {len(self)}), got {idx.size} indices")
+        p0, p1 = self.bounds[idx], self.bounds[idx + 1]
+        per_row = p1 - p0
+        rows = np.repeat(np.arange(idx.size), per_row)  # the row of every piece, pieces in row order
+        piece = np.arange(per_row.sum()) + np.repeat(p0 - (np.cumsum(per_row) - per_row), per_row)
+        plen = self.piece_lengths[piece]
+        # A piece's first column: after <s> and the earlier pieces of its row, each followed by its </s>.
+        cost_before = np.cumsum(plen + 1) - (plen + 1)
+        col = 1 + cost_before - np.repeat(cost_before[np.cumsum(per_row) - per_row], per_row)
+        lengths = np.bincount(rows, weights=plen + 1, minlength=idx.size).astype(np.int64) + 1
+        within = np.arange(plen.sum()) - np.repeat(np.cumsum(plen) - plen, plen)
+        ids = np.full((idx.size, int(lengths.max())), pad_id, dtype=np.int64)
+        ids[:, 0] = BOS_ID
+        ids[np.repeat(rows, plen), np.repeat(col, plen) + within] = \
+            self.shard.tokens[np.repeat(self.piece_offsets[piece], plen) + within]
+        ids[rows, col + plen] = EOS_ID
+        return ids, lengths
+
     def lengths(self) -> np.ndarray:
         """Length (with specials) of every sequence."""
         per_piece = np.concatenate([[0], np.cumsum(self.piece_lengths + 1)])

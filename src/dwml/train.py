@@ -1,8 +1,9 @@
 """The training loop: one or several students on the same batches and masks, any method, exact resume.
 
-Read top to bottom: set-up (runtime, data, students, optimizers, omega), resume, then the loop: micro-batches with
-gradient accumulation -> clip -> one optimizer step per student -> (DWML) an outer omega step every K steps ->
-log / validate / checkpoint. Everything a resumed run needs (weights, optimizer and scheduler states, omega, data
+`_train` is the loop, short enough to read at a glance; each phase is one method of `Trainer`: set-up (`__init__`:
+data, students, optimizers, omega), resume (`restore`), the step (`train_step`: micro-batches with gradient
+accumulation -> clip -> one optimizer step per student), DWML's outer omega step every K steps (`outer_step`),
+log / validation / checkpoint (`log_train`, `log_validation`, `save`) and export (`finish`). Everything a resumed run needs (weights, optimizer and scheduler states, omega, data
 stream positions, RNG states) is in the checkpoint, so a killed run continues exactly where it stopped.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,16 +22,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
 from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
-from .metrics import MetricsLog
-from .masking import BatchStream
+from .masking import BatchStream, MaskedBatch, Prefetcher
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
-from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset
+from .metrics import MetricsLog
+from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
 from .runtime import Runtime, compute_cleanup, compute_init
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
@@ -43,7 +44,8 @@ from .tokenizer import copy_tokenizer
 
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
-    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset."""
+    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
+    Presets and peer tables are built in `model.family`; a peers file carries its own family, which must match."""
     m = cfg.model
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
@@ -51,15 +53,20 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         from .search import load_peer_archs
 
         archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
+        families = sorted({a.family for _, a in archs})
+        if families != [m.family]:
+            raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
+                            f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
-            archs.append((p, get_preset(p)))
+            archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
-            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, **p}, f"model.peers[{i}]")))
+            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
+                                                              f"model.peers[{i}]")))
         else:
             raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
     if not archs:
-        a = get_preset(m.preset)
+        a = get_preset(m.preset, m.family)
         overrides = {k: getattr(m, k) for k in ("layers", "heads", "hidden", "intermediate") if getattr(m, k)}
         archs = [(m.preset, a.replace(**overrides) if overrides else a)]
     method = cfg.train.method
@@ -71,11 +78,13 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
 
 
 def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay."""
+    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay. On CUDA the fused kernel (one
+    launch for all parameters instead of several per tensor); the CPU has no fused AdamW worth using."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
 
 
 def lr_factor(step: int, t) -> float:
@@ -120,6 +129,9 @@ class _Subset:
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
+    def gather(self, indices: np.ndarray, pad_id: int):
+        return self.base.gather(self.indices[np.asarray(indices)], pad_id)
+
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -138,8 +150,8 @@ def _set_rng_state(state: dict) -> None:
 
 @dataclass
 class Batches:
-    train: BatchStream
-    heldout: BatchStream | None
+    train: BatchStream | Prefetcher
+    heldout: BatchStream | Prefetcher | None
     valid: list  # fixed MaskedBatches for reporting
 
 
@@ -154,8 +166,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
     n = len(valid_seqs)
     # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
-    # validation losses are never the ones omega was fitted on.
-    n_held = min(dcfg.heldout_sequences, n // 2) if need_heldout else 0
+    # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
+    # learned omega or not, so all runs of an experiment report on the same sequences.
+    n_held = min(dcfg.heldout_sequences, n // 2)
     report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
     report = _Subset(valid_seqs, report_idx)
     bs = min(t.eval_batch_size, len(report))
@@ -175,7 +188,7 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The run
+# The run, phase by phase
 
 
 class Interrupted(Exception):
@@ -192,253 +205,354 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
     t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume, stop_after)
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
 
 def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
-    t, d, method = cfg.train, cfg.distill, cfg.train.method
-    run_dir = Path(cfg.out_dir)
-    prepared = Path(cfg.data.prepared)
-    meta = load_meta(prepared)
-    vocab_size = int(meta["vocab_size"])
-    tokenizer_dir = prepared / "tokenizer"
-    archs = resolve_archs(cfg, vocab_size)
-    n_students = len(archs)
+    """The loop. Each phase is one method of `Trainer`; `_loop` only decides when each runs."""
+    run = Trainer(cfg, rt)  # set-up: students, optimizers, omega, data streams
+    try:
+        return _loop(run, resume, stop_after)
+    finally:
+        run.close()
 
-    # Students: a fresh init per peer from (seed, peer index), identical on every rank.
-    dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
-    students = []
-    for i, (_, arch) in enumerate(archs):
-        mlm = build_model(arch, seed=t.seed * 1000 + i, **dropout)
-        aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
-        students.append(Student(mlm, aux).to(rt.device))
-    teacher = load_teacher(d.teacher, tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
-    optimizers = [make_optimizer(s, t) for s in students]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in optimizers]
-    if d.omega and len(d.omega) != n_students:
-        raise DwmlError(f"distill.omega: {len(d.omega)} weights given for {n_students} students")
-    # Initial omega: as given (normalised onto the simplex) or uniform; dml always keeps it uniform (1/M).
-    omega = OmegaState(torch.tensor(d.omega, dtype=torch.float64) / sum(d.omega)) if d.omega and method != "dml" \
-        else OmegaState.uniform(n_students)
-    mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
-                                 total_steps=max(1, t.max_steps // d.outer_every))
-    learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
-    batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=learn_omega)
 
-    # Resume from the newest checkpoint, if any.
-    step, elapsed_before, initial_valid = 0, 0.0, None
-    ckpts = list_checkpoints(run_dir) if resume else []
-    if ckpts:
+def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
+    cfg, rt = run.cfg, run.rt
+    t, d = cfg.train, cfg.distill
+    # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+    run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+    rt.barrier()
+    resumed = run.restore() if resume else False
+    run.open_log(resumed)
+    if run.step == 0 and rt.is_master:
+        run.initial_validation()
+    run.start_clock()
+    bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress and rt.is_master), desc=t.method,
+               dynamic_ncols=True)
+    while run.step < t.max_steps:
+        lr = run.lr()
+        stats = run.train_step()  # micro-batches -> backward -> clip -> one optimizer step per student
+        step = run.step
+        record = run.outer_step(stats.batch, lr) if run.learn_omega and step % d.outer_every == 0 else {}
+        if step % t.log_every == 0 or record or step == t.max_steps:
+            run.log_train(stats, lr, record, bar)
+        if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
+            run.log_validation(bar)
+        if step % t.save_every == 0 or step == t.max_steps:
+            run.save()
+        bar.update(1)
+        if stop_after is not None and stop_after <= step < t.max_steps:
+            bar.close()
+            raise Interrupted(f"stopped after step {step}")
+    bar.close()
+    return run.finish()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step leaves for the log: per-peer loss parts, gradient norms, its last micro-batch."""
+
+    parts: dict[str, torch.Tensor]  # per-peer numbers, still on the device
+    grad_norms: list[torch.Tensor]
+    batch: MaskedBatch
+
+
+class Trainer:
+    """Everything a run holds. `__init__` is the set-up phase; the other methods are the loop's phases."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        t, d, method = cfg.train, cfg.distill, cfg.train.method
+        self.run_dir = Path(cfg.out_dir)
+        prepared = Path(cfg.data.prepared)
+        vocab_size = int(load_meta(prepared)["vocab_size"])
+        self.tokenizer_dir = prepared / "tokenizer"
+        self.archs = resolve_archs(cfg, vocab_size)
+        n = len(self.archs)
+
+        # Students: a fresh init per peer from (seed, peer index), identical on every rank.
+        self.students: list[Student] = []
+        for i, (_, arch) in enumerate(self.archs):
+            mlm = build_model(arch, seed=t.seed * 1000 + i, dropout=cfg.model.dropout)
+            aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
+            self.students.append(Student(mlm, aux).to(rt.device))
+        self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
+        self.optimizers = [make_optimizer(s, t) for s in self.students]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in self.optimizers]
+        if d.omega and len(d.omega) != n:
+            raise DwmlError(f"distill.omega: {len(d.omega)} weights given for {n} students")
+        # Initial omega: as given (normalised onto the simplex) or uniform; dml always keeps it uniform (1/M).
+        self.omega = OmegaState(torch.tensor(d.omega, dtype=torch.float64) / sum(d.omega)) \
+            if d.omega and method != "dml" else OmegaState.uniform(n)
+        self.mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
+                                          total_steps=max(1, t.max_steps // d.outer_every))
+        self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
+        self.batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
+        if cfg.data.prefetch:  # build the next batches in a background thread, page-locked for async copies
+            pin = rt.device.type == "cuda"
+            self.batches.train = Prefetcher(self.batches.train, cfg.data.prefetch, pin)
+            if self.batches.heldout is not None:
+                self.batches.heldout = Prefetcher(self.batches.heldout, cfg.data.prefetch, pin)
+        self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
+
+        # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
+        self.models: list[torch.nn.Module] = list(self.students)
+        if rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.models = [DDP(s, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                           for s in self.students]
+        if t.compile:
+            self.models = [torch.compile(m) for m in self.models]
+        self.loss_fn = METHOD_LOSSES[method]
+        self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
+        self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
+        self.log: MetricsLog | None = None
+
+    def close(self) -> None:
+        """Stop the data threads (also on errors and interruptions)."""
+        for stream in (self.batches.train, self.batches.heldout):
+            if isinstance(stream, Prefetcher):
+                stream.close()
+        if self.log is not None:  # flush and close the TensorBoard writer
+            self.log.close()
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest checkpoint of the run directory, if any; True when there was one."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return False
         state = load_checkpoint(ckpts[-1])
-        if len(state["students"]) != n_students:
-            raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, config has {n_students}")
-        for s, sd in zip(students, state["students"]):
-            s.load_state_dict(sd)
-        for o, sd in zip(optimizers, state["optimizers"]):
-            o.load_state_dict(sd)
-        for sc, sd in zip(schedulers, state["schedulers"]):
-            sc.load_state_dict(sd)
-        omega.load_state_dict(state["omega"])
-        batches.train.load_state_dict(state["train_stream"])
-        if batches.heldout is not None and state.get("heldout_stream"):
-            batches.heldout.load_state_dict(state["heldout_stream"])
-        _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
-        step = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        initial_valid = state.get("initial_valid_loss")
-    if rt.is_master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl", step if ckpts else None, rt.is_master, tensorboard=t.tensorboard)
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
+        if len(state["students"]) != len(self.students):
+            raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
+                            f"config has {len(self.students)}")
+        for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
+                             (self.schedulers, "schedulers")):
+            for m, sd in zip(modules, state[key]):
+                m.load_state_dict(sd)
+        self.omega.load_state_dict(state["omega"])
+        self.omega_device = self.omega.omega.to(self.rt.device)
+        self.batches.train.load_state_dict(state["train_stream"])
+        if self.batches.heldout is not None and state.get("heldout_stream"):
+            self.batches.heldout.load_state_dict(state["heldout_stream"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.rt.rank] if isinstance(rng, list) else rng)
+        self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.initial_valid = state.get("initial_valid_loss")
+        return True
 
-    # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
-    models = students
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def open_log(self, resumed: bool) -> None:
+        if self.rt.is_master:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master,
+                              tensorboard=self.cfg.train.tensorboard)
 
-        models = [DDP(s, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) for s in students]
-    if t.compile:
-        models = [torch.compile(m) for m in models]
-    loss_fn = METHOD_LOSSES[method]
-    params = [count_params(a) for _, a in archs]
+    def start_clock(self) -> None:
+        self.loop_start = time.perf_counter()
+        self.window_start, self.window_tokens, self.window_wait = self.loop_start, self.batches.train.tokens_seen, 0.0
 
-    def forward_all(batch, train_mode: bool, modules=None):
+    def elapsed(self) -> float:
+        """Training wall time (validation included), summed over resumed segments of the run."""
+        return self.elapsed_before + time.perf_counter() - self.loop_start
+
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    # -- step ---------------------------------------------------------------------------------------------------
+    def forward_all(self, batch: MaskedBatch, train_mode: bool, modules=None) -> list:
         outs = []
-        for m in modules or models:
+        for m in modules or self.models:
             m.train(train_mode)
-            with rt.autocast():
+            with self.rt.autocast():
                 outs.append(m(batch.input_ids, batch.attention_mask, batch.positions))
         return outs
 
-    def teacher_logits(batch):
-        if teacher is None:
+    def teacher_logits(self, batch: MaskedBatch) -> torch.Tensor | None:
+        if self.teacher is None:
             return None
-        from .model import masked_logits
+        with torch.no_grad(), self.rt.autocast():
+            return masked_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
 
-        with torch.no_grad(), rt.autocast():
-            return masked_logits(teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
+    def next_batch(self, stream) -> MaskedBatch:
+        """The next batch on the device; the time the loop waited for it counts into the log's data_wait_s."""
+        t0 = time.perf_counter()
+        batch = next(stream)
+        self.window_wait += time.perf_counter() - t0
+        return batch.to(self.rt.device, non_blocking=self.non_blocking)
 
-    @torch.no_grad()
-    def validate() -> dict:
-        sums = torch.zeros(n_students + 1, dtype=torch.float64)
-        for vb in batches.valid:
-            vb = vb.to(rt.device)
-            # The bare students, not their DDP wrappers: validation runs on rank 0 alone.
-            outs = forward_all(vb, train_mode=False, modules=students)
-            logits = [o[0].float() for o in outs]
-            for i, z in enumerate(logits):
-                sums[i] += mlm_loss(z, vb.labels).item()
-            if n_students > 1:  # the ensemble of one model is that model
-                sums[-1] += ensemble_loss(logits, vb.labels, omega.omega.to(rt.device), kind="ensemble").item()
-        sums /= len(batches.valid)
-        out = {"valid_loss": sums[:-1].tolist()}
-        if n_students > 1:
-            out["valid_ensemble_loss"] = sums[-1].item()
-        return out
+    def train_step(self) -> StepStats:
+        """One optimizer step of every student: gradient accumulation over micro-batches, clip, AdamW, schedule.
 
-    def save(step_now: int) -> None:
-        state = {
-            "step": step_now,
-            "students": [s.state_dict() for s in students],
-            "optimizers": [o.state_dict() for o in optimizers],
-            "schedulers": [sc.state_dict() for sc in schedulers],
-            "omega": omega.state_dict(),
-            "train_stream": batches.train.state_dict(),
-            "heldout_stream": batches.heldout.state_dict() if batches.heldout is not None else None,
-            "rng": _gather_rng(rt),
-            "config": config_mod.to_toml(cfg),
-            "elapsed_s": elapsed(),
-            "initial_valid_loss": initial_valid,
-        }
-        if rt.is_master:
-            save_checkpoint(run_dir, step_now, state)
-        rt.barrier()
-
-    if step == 0 and rt.is_master:
-        first = validate()
-        log.write(step=0, **first, omega=omega.omega.tolist())
-        initial_valid = first["valid_loss"]
-
-    loop_start = time.perf_counter()
-
-    def elapsed() -> float:
-        """Training wall time (validation included), summed over resumed segments of the run."""
-        return elapsed_before + time.perf_counter() - loop_start
-
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and rt.is_master), desc=method,
-               dynamic_ncols=True)
-    t_last, tok_since = time.perf_counter(), 0
-    while step < t.max_steps:
-        lr_now = schedulers[0].get_last_lr()[0]
-        for o in optimizers:
+        Nothing here waits for the GPU: loss parts and gradient norms stay on the device until a log step reads them
+        (token counts come from the data stream, on the host)."""
+        t, rt = self.cfg.train, self.rt
+        for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        logs: dict[str, list[float]] = {}
-        micro_batches = [next(batches.train).to(rt.device) for _ in range(t.grad_accum)]
+        micro_batches = [self.next_batch(self.batches.train) for _ in range(t.grad_accum)]
         # Each loss is a mean over its micro-batch's masked tokens, whose number varies. Weighting every micro-batch
         # by its share of all masked tokens of the step (over all ranks; DDP then averages over ranks, hence the
         # world_size factor) makes accumulation and DDP compute exactly the gradient of the one big batch.
         counts = [b.labels.numel() for b in micro_batches]
-        n_masked = torch.tensor(float(sum(counts)), device=rt.device)
+        n_masked: float | torch.Tensor = float(sum(counts))
         if rt.ddp:
+            n_masked = torch.full((), n_masked, device=rt.device)  # a fill kernel, not a blocking host copy
             dist.all_reduce(n_masked)
+        parts: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(micro_batches):
             # With DDP, only the last micro-batch all-reduces gradients.
             sync = contextlib.ExitStack()
             if rt.ddp and micro < t.grad_accum - 1:
-                for m in models:
+                for m in self.models:
                     sync.enter_context(m.no_sync())
             with sync:
-                outs = forward_all(batch, train_mode=True)
-                outs = [(z.float(), [a.float() for a in aux]) for z, aux in outs]
-                loss, parts = loss_fn(outs, batch.labels, omega.omega.to(rt.device), teacher_logits(batch), d)
+                outs = self.forward_all(batch, train_mode=True)  # the losses upcast to fp32 where they need it
+                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
+                                                 self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
-            for k, v in parts.items():
-                acc = logs.setdefault(k, [0.0] * len(v))
-                for i, x in enumerate(v):
-                    acc[i] += x * counts[micro] / sum(counts)
-            tok_since += int(batch.attention_mask.sum())
+            share = counts[micro] / sum(counts)
+            for k, v in micro_parts.items():
+                parts[k] = parts[k] + v * share if k in parts else v * share
         grad_norms = []
-        for s, o, sc in zip(students, optimizers, schedulers):
+        for s, o, sc in zip(self.students, self.optimizers, self.schedulers):
             if t.grad_clip > 0:
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip)))
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip))
             o.step()
             sc.step()
-        step += 1
+        self.step += 1
+        return StepStats(parts, grad_norms, micro_batches[-1])
 
-        record: dict[str, Any] = {}
-        if learn_omega and step % d.outer_every == 0:
-            held = next(batches.heldout).to(rt.device)
-            gamma = lr_now if d.gamma < 0 else d.gamma
-            # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
-            # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
-            inner = batch.head(held.input_ids.shape[0])
-            if inner.labels.numel() == 0:
-                inner = batch
-            g, info = hypergradient(
-                students, inner, held, omega.omega.to(rt.device),
-                alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
-                l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward,
-            )
-            if rt.ddp:  # every rank must take the same omega step: average the hypergradients
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                g /= rt.world_size
-            omega.update(g, mirror)
-            record.update(outer_step=omega.step, omega=omega.omega.tolist(), hypergrad=g.tolist(),
-                          l2=float(info.get("l2", float("nan"))))
+    # -- outer step ---------------------------------------------------------------------------------------------
+    def outer_step(self, batch: MaskedBatch, lr: float) -> dict:
+        """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
+        d, rt = self.cfg.distill, self.rt
+        held = self.next_batch(self.batches.heldout)
+        # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
+        # next real step uses) unless distill.gamma overrides it.
+        gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
+        # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
+        # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
+        inner = batch.head(held.input_ids.shape[0])
+        if inner.labels.numel() == 0:
+            inner = batch
+        g, info = hypergradient(
+            self.students, inner, held, self.omega.omega.to(rt.device),
+            alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
+            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=self.teacher_logits(inner),
+            teacher_weight=d.teacher_weight,
+        )
+        if rt.ddp:  # every rank must take the same omega step: average the hypergradients
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            g /= rt.world_size
+        self.omega.update(g, self.mirror)
+        self.omega_device = self.omega.omega.to(rt.device)
+        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
+                    l2=float(info.get("l2", float("nan"))),
+                    mixed_ratio=info["mixed_ratio"] if math.isfinite(info["mixed_ratio"]) else None)
 
-        if step % t.log_every == 0 or record or step == t.max_steps:
-            now = time.perf_counter()
-            tps = tok_since * rt.world_size / max(now - t_last, 1e-9)
-            t_last, tok_since = now, 0
-            record.update(step=step, elapsed_s=elapsed(), lr=lr_now, tokens_per_s=tps, train_ce=logs.get("ce"),
-                          grad_norm=grad_norms or None)
-            if "omega" not in record:
-                record["omega"] = omega.omega.tolist()
-            log.write(**record)
-            ce = logs.get("ce") or [float("nan")]
-            bar.set_postfix(loss=f"{min(ce):.3f}", tok_s=f"{tps:,.0f}")
-        if step % t.eval_every == 0 or step == t.max_steps:
-            if rt.is_master:
-                v = validate()
-                log.write(step=step, **v, omega=omega.omega.tolist())
-                bar.write(f"step {step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"]))
-        if step % t.save_every == 0 or step == t.max_steps:
-            save(step)
-        bar.update(1)
-        if stop_after is not None and step >= stop_after and step < t.max_steps:
-            bar.close()
-            raise Interrupted(f"stopped after step {step}")
-    bar.close()
-    log.close()
+    # -- log and validation -------------------------------------------------------------------------------------
+    def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
+        """One metrics line: the only place the step's device-side numbers are read (one host sync per log step)."""
+        now = time.perf_counter()
+        tokens = self.batches.train.tokens_seen
+        tps = (tokens - self.window_tokens) * self.rt.world_size / max(now - self.window_start, 1e-9)
+        wait = self.window_wait
+        self.window_start, self.window_tokens, self.window_wait = now, tokens, 0.0
+        parts = {k: v.tolist() for k, v in stats.parts.items()}
+        ce = parts.get("ce")
+        grad_norm = torch.stack(stats.grad_norms).tolist() if stats.grad_norms else None
+        self.log.write(**record, step=self.step, elapsed_s=self.elapsed(), lr=lr, tokens_per_s=tps,
+                       data_wait_s=wait, train_ce=ce, grad_norm=grad_norm,
+                       **({} if "omega" in record else {"omega": self.omega.omega.tolist()}))
+        bar.set_postfix(loss=f"{min(ce or [float('nan')]):.3f}", tok_s=f"{tps:,.0f}")
 
-    dump = os.environ.get("DWML_RANK_DUMP")
-    if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        torch.save({"students": [s.state_dict() for s in students], "omega": omega.omega.clone()},
-                   Path(dump) / f"rank{rt.rank}.pt")
-    summary = {}
-    if rt.is_master:
-        final = validate()
-        summary = {
-            "method": method,
-            "steps": step,
-            "omega": omega.omega.tolist(),
-            "omega_learned": learn_omega,
-            "peers": [
-                {"name": n, "arch": a.to_dict(), "params": p, "valid_loss": v}
-                for (n, a), p, v in zip(archs, params, final["valid_loss"])
-            ],
-            "initial_valid_loss": initial_valid,
-            "train_seconds": elapsed(),
-            "train_tokens": int(batches.train.tokens_seen) * rt.world_size,
-            "valid_ensemble_loss": final.get("valid_ensemble_loss"),
-            "tokenizer": str(tokenizer_dir),
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean validation loss of every student (and of the omega ensemble) on the fixed validation batches."""
+        n = len(self.students)
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=self.rt.device)
+        for vb in self.batches.valid:
+            vb = vb.to(self.rt.device)
+            # The bare students, not their DDP wrappers: validation runs on rank 0 alone.
+            logits = [o[0] for o in self.forward_all(vb, train_mode=False, modules=self.students)]
+            for i, z in enumerate(logits):
+                sums[i] += mlm_loss(z, vb.labels)
+            if n > 1:  # the ensemble of one model is that model
+                sums[-1] += ensemble_loss(logits, vb.labels, self.omega_device, kind="ensemble")
+        sums = (sums / len(self.batches.valid)).tolist()  # one host sync for the whole validation
+        out = {"valid_loss": sums[:-1]}
+        if n > 1:
+            out["valid_ensemble_loss"] = sums[-1]
+        return out
+
+    def initial_validation(self) -> None:
+        first = self.validate()
+        self.log.write(step=0, **first, omega=self.omega.omega.tolist())
+        self.initial_valid = first["valid_loss"]
+
+    def log_validation(self, bar) -> None:
+        v = self.validate()
+        self.log.write(step=self.step, **v, omega=self.omega.omega.tolist())
+        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"]))
+
+    # -- checkpoint ---------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "students": [s.state_dict() for s in self.students],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [sc.state_dict() for sc in self.schedulers],
+            "omega": self.omega.state_dict(),
+            "train_stream": self.batches.train.state_dict(),
+            "heldout_stream": self.batches.heldout.state_dict() if self.batches.heldout is not None else None,
+            "rng": _gather_rng(self.rt),
+            "config": config_mod.to_toml(self.cfg),
+            "elapsed_s": self.elapsed(),
+            "initial_valid_loss": self.initial_valid,
+            "run_id": self.run_id,
         }
-        export_final(run_dir, students, tokenizer_dir, summary)
-    rt.barrier()
-    return summary
+        if self.rt.is_master:
+            save_checkpoint(self.run_dir, self.step, state)
+        self.rt.barrier()
+
+    # -- export -------------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Final validation, summary and Hugging Face export (rank 0); returns the summary ({} on other ranks)."""
+        rt = self.rt
+        dump = os.environ.get("DWML_RANK_DUMP")
+        if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            torch.save({"students": [s.state_dict() for s in self.students], "omega": self.omega.omega.clone()},
+                       Path(dump) / f"rank{rt.rank}.pt")
+        summary: dict = {}
+        if rt.is_master:
+            final = self.validate()
+            summary = {
+                "method": self.cfg.train.method,
+                "steps": self.step,
+                "omega": self.omega.omega.tolist(),
+                "omega_learned": self.learn_omega,
+                "peers": [
+                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v}
+                    for (n, a), v in zip(self.archs, final["valid_loss"])
+                ],
+                "initial_valid_loss": self.initial_valid,
+                "train_seconds": self.elapsed(),
+                "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
+                "valid_ensemble_loss": final.get("valid_ensemble_loss"),
+                "tokenizer": str(self.tokenizer_dir),
+            }
+            export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
+        rt.barrier()
+        return summary
 
 
 def _student_forward(model, input_ids, attention_mask, positions):
