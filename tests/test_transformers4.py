@@ -1,7 +1,8 @@
 """transformers 4.51.3 - the version BabyLM 2025's evaluation pipeline pins, and the lower bound of pyproject's range -
 loads dwml's prepared tokenizers and exported models exactly as this interpreter's transformers 5.x does: the same
 class, normaliser and ids (AutoTokenizer and AutoProcessor) on every BLiMP-filtered / supplement / EWoK text, and the
-same AutoModelForMaskedLM logits. dwml itself (prepare, train, eval, export) also runs under 4.51.3.
+same AutoModelForMaskedLM logits (RoBERTa and ModernBERT families). dwml itself (prepare, train, eval, export) also
+runs under 4.51.3.
 
 Slow: builds its own virtual environment (`venv --system-site-packages` + pip install transformers==4.51.3 from PyPI,
 which brings the tokenizers / huggingface_hub versions it needs; torch comes from the system).
@@ -93,6 +94,12 @@ def folders(venv_python, here_version, tiny_corpus, tmp_path_factory) -> dict[st
               "--out", str(run / "eval.json"), "--no-groups", cwd=work)
         _dwml(python, "export", str(run), "--peer", "1", "--out", str(export), cwd=work)
         out[f"prepared_{name}"], out[f"export_{name}"] = data / "tokenizer", export
+    # The ModernBERT family (same tokenizer format), trained and exported under 5.x: 4.51.3 has the class too.
+    modern = work / "run_t5_modernbert"
+    _dwml(sys.executable, "train", "--method", "mlm", "--data", str(work / "data_t5"), "--out", str(modern),
+          *TRAIN_ARGS[:-2], "--set", "model.family=modernbert", cwd=work)
+    _dwml(sys.executable, "export", str(modern), "--peer", "0", "--out", str(work / "export_t5_modernbert"), cwd=work)
+    out["export_t5_modernbert"] = work / "export_t5_modernbert"
     lower = work / "data_lower"
     _dwml(sys.executable, "prepare", str(tiny_corpus), "--out", str(lower), "--vocab-size", "1000", "--lowercase",
           cwd=work)
@@ -117,7 +124,7 @@ def dumps(folders, eval_texts, venv_python) -> dict[str, dict]:
     job = json.dumps({
         "texts": eval_texts,
         "tokenizers": [str(p) for p in folders.values()],
-        "models": [str(folders["export_t5"]), str(folders["export_t4"])],
+        "models": [str(folders[k]) for k in ("export_t5", "export_t4", "export_t5_modernbert")],
         "logit_texts": eval_texts[:: max(1, len(eval_texts) // 24)][:24] + PROBES,
     })
     # Texts go through stdin/stdout only (EWoK must not land on disk).
@@ -130,7 +137,8 @@ def test_versions(dumps, here_version):
     assert dumps["t5"]["transformers"] == here_version
 
 
-@pytest.mark.parametrize("folder", ["prepared_t5", "prepared_lowercase", "export_t5", "prepared_t4", "export_t4"])
+@pytest.mark.parametrize("folder", ["prepared_t5", "prepared_lowercase", "export_t5", "prepared_t4", "export_t4",
+                                    "export_t5_modernbert"])
 def test_same_ids_in_both_versions(dumps, folders, eval_texts, folder):
     """Both loaders in both versions give the tokenizers library's ids (normaliser included) on every text."""
     raw = load_raw(folders[folder])
@@ -151,11 +159,12 @@ def test_same_ids_in_both_versions(dumps, folders, eval_texts, folder):
     assert steps == (["NFKC", "Lowercase"] if folder == "prepared_lowercase" else ["NFKC"])
 
 
-@pytest.mark.parametrize("folder", ["export_t5", "export_t4"])
+@pytest.mark.parametrize("folder", ["export_t5", "export_t4", "export_t5_modernbert"])
 def test_same_logits_in_both_versions(dumps, folders, folder):
     """AutoModelForMaskedLM gives the same logits under 4.51.3 as under 5.x (what BabyLM's pipeline runs)."""
     got = {v: dumps[v]["models"][str(folders[folder])] for v in ("t4", "t5")}
-    assert got["t4"]["class"] == got["t5"]["class"] == "RobertaForMaskedLM"
+    family = "ModernBertForMaskedLM" if folder.endswith("modernbert") else "RobertaForMaskedLM"
+    assert got["t4"]["class"] == got["t5"]["class"] == family
     assert got["t4"]["shape"] == got["t5"]["shape"] and got["t4"]["mask"] == got["t5"]["mask"]
     logits = {v: np.frombuffer(base64.b64decode(g["logits"]), dtype=np.float32).reshape(g["shape"])
               for v, g in got.items()}
