@@ -80,6 +80,7 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     max_nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient norm to skip before stopping (0 = stop)
+    tensorboard: bool = False  # also log metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/
 
 
 @dataclass
@@ -151,11 +152,14 @@ class RunConfig:
         _check(0.0 <= self.model.dropout < 1.0, f"model.dropout: expected a value in [0, 1), got {self.model.dropout}")
         _check(math.isfinite(d.gamma), f"distill.gamma: expected a finite value, got {d.gamma}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
-        _check(t.warmup_steps >= 0, f"train.warmup_steps: expected >= 0, got {t.warmup_steps}")
         _check(t.schedule in SCHEDULES, f"train.schedule: expected one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
         _check(0.0 < t.cooldown_fraction <= 1.0,
                f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
+        if t.tensorboard:
+            from .metrics import MISSING_TENSORBOARD, tensorboard_available
+
+            _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(self.model.family in MODEL_FAMILIES,
                f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from .checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer, model_files
 from .errors import DwmlError
 from .io import atomic_dir, check_output_dir, read_json, write_text
+from .tokenizer import copy_tokenizer
 
 
 # How the model card names each model family (`dwml.model`).
@@ -79,7 +80,7 @@ def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
 def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write peer `peer` of a finished run to `out_dir`: new, empty or an earlier export (else `overwrite`); never
     the run itself or a folder holding it; inside the run only under RUN/export/."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     summary_path = run_dir / "final" / "summary.json"
@@ -101,7 +102,7 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: 
     check_finite_weights(model, str(src))
     with atomic_dir(out_dir, command="export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(src, tmp)  # the tokenizer files in the format transformers 4.x and 5.x both load
         write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
     return out_dir
 

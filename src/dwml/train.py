@@ -40,6 +40,7 @@ from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
+from .tokenizer import copy_tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -327,6 +328,8 @@ class Trainer:
         for stream in (self.batches.train, self.batches.heldout):
             if isinstance(stream, Prefetcher):
                 stream.close()
+        if self.log is not None:  # flush and close the TensorBoard writer
+            self.log.close()
 
     # -- resume -------------------------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -357,7 +360,8 @@ class Trainer:
         if self.rt.is_master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master,
+                              tensorboard=self.cfg.train.tensorboard)
 
     def start_clock(self) -> None:
         self.loop_start = time.perf_counter()
@@ -589,13 +593,11 @@ def _gather_rng(rt: Runtime):
 
 def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
     """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     with atomic_dir(run_dir / "final") as tmp:
         for i, s in enumerate(students):
             s.mlm.save_pretrained(tmp / f"peer{i}")
-            tok.save_pretrained(tmp / f"peer{i}")
+            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
         write_json(tmp / "summary.json", summary)
