@@ -9,14 +9,24 @@ import torch
 
 from dwml.config import DistillConfig
 from dwml.methods import METHOD_LOSSES
-from dwml.model import build_model, get_preset
+from dwml.model import build_model, get_preset, masked_logits
 from dwml.train import train
 from test_train import PEERS, make_cfg
 
 
-def test_students_use_sdpa_attention():
-    model = build_model(get_preset("tiny").replace(layers=1))
+def test_students_use_sdpa_attention_and_take_a_4d_boolean_mask():
+    """SDPA attention; the (B, 1, 1, T) boolean mask the trainer passes on CUDA (so transformers does not check the
+    2-D mask on the host) gives exactly the logits of the 2-D padding mask."""
+    model = build_model(get_preset("tiny").replace(layers=1), seed=0).eval()
     assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(5, 8000, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    positions = torch.tensor([1, 2, 12, 21])
+    with torch.no_grad():
+        a = masked_logits(model, ids, mask, positions)
+        b = masked_logits(model, ids, mask[:, None, None, :].bool(), positions)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_LOSSES))
