@@ -31,6 +31,7 @@ def test_resolved_config_roundtrips(tmp_path):
         ("[train]\nmax_steps = 'many'\n", r"train.max_steps: expected int"),
         ("[distill]\nalpha = 1.5\n", r"distill.alpha: expected a value in \[0, 1\]"),
         ("[distill]\nouter_every = 0\n", r"outer_every \(K\)"),
+        ("[distill]\nunroll = 'adam'\n", r"distill.unroll: expected adamw\|sgd\|direct, got 'adam'"),
         ("[train]\nmethod = 'magic'\n", r"unknown method 'magic'"),
         ("[train]\nmethod = 'kd'\n", r"needs a teacher"),
         ("[train\n", r"invalid TOML"),

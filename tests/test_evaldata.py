@@ -46,12 +46,22 @@ def test_supplement_counts_and_dialogue_turns_kept():
 def test_ewok_read_from_zip():
     pairs = load_task("ewok", EVAL_DATA)
     assert len(pairs) == 7_618 and set(p.group for p in pairs) == EWOK_DOMAINS  # ewok/SOURCE.txt
-    # The same target after both contexts; BabyLM's file holds each item then its context/target-swapped copy.
-    assert all(p.good == p.bad and p.good_prefix != p.bad_prefix for p in pairs)
+    # Default (BabyLM): both targets after Context1; the file holds each item then its context/target-swapped copy.
+    assert all(p.good != p.bad and p.good_prefix == p.bad_prefix for p in pairs)
     for a, b in zip(pairs[0::2], pairs[1::2]):
+        assert (b.good, b.bad, b.group) == (a.bad, a.good, a.group) and b.good_prefix != a.good_prefix
+    # The context pairing: the same target after both contexts.
+    ctx = load_task("ewok", EVAL_DATA, ewok_pairing="contexts")
+    assert len(ctx) == 7_618 and all(p.good == p.bad and p.good_prefix != p.bad_prefix for p in ctx)
+    for a, b in zip(pairs, ctx):  # same row: Context1 + Target1 is the good text of both pairings
+        assert (a.good_prefix, a.good, a.group) == (b.good_prefix, b.good, b.group)
+    for a, b in zip(ctx[0::2], ctx[1::2]):
         assert (b.good_prefix, b.bad_prefix, b.group) == (a.bad_prefix, a.good_prefix, a.group)
     fast = load_ewok_zip(EVAL_DATA / EWOK_ZIP, "ewok_fast")
     assert len(fast) == 1_100 and set(Counter(p.group for p in fast).values()) == {100}
+    assert load_ewok_zip(EVAL_DATA / EWOK_ZIP, "ewok_fast", ewok_pairing="contexts")[0].good == fast[0].good
+    with pytest.raises(DwmlError, match="ewok-pairing"):
+        load_task("ewok_fast", EVAL_DATA, ewok_pairing="target")
 
 
 def test_limit_keeps_first_pairs_of_every_file():

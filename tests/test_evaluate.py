@@ -1,5 +1,6 @@
-"""`dwml eval`: scoring rules (strictly higher wins, ties are wrong and reported), BabyLM-style aggregation, model
-folders vs DWML runs (peers + omega-weighted ensemble), JSON output and the CLI."""
+"""`dwml eval`: scoring rules (BabyLM form: a tie counts correct; ties and the strict accuracy reported beside it),
+BabyLM-style aggregation, EWoK pairings, model folders vs DWML runs (peers + omega-weighted ensemble), JSON output and
+the CLI."""
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ class UniformLM(torch.nn.Module):
 # ------------------------------------------------------------------------------------------- scoring rules
 
 
-def test_ties_count_wrong_and_are_reported(tok):
-    """A degenerate model: good wins only with fewer tokens; equal lengths tie. BabyLM's argmax would credit ties."""
+def test_ties_count_correct_and_are_reported(tok):
+    """A degenerate model: good wins only with fewer tokens; equal lengths tie. BabyLM's argmax credits ties (the good
+    sentence comes first); the strict accuracy does not."""
     pairs = load_task("blimp_fast", EVAL_DATA, limit=3)
     n_tok = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     wins = sum(n_tok(p.good) < n_tok(p.bad) for p in pairs)
@@ -49,37 +51,53 @@ def test_ties_count_wrong_and_are_reported(tok):
     good, bad = score_pairs(UniformLM(len(tok)), tok, pairs)
     assert good[0] == pytest.approx(-n_tok(pairs[0].good) * math.log(len(tok)))
     res = summarize(pairs, good, bad)
-    assert (res["n"], res["correct"], res["ties"]) == (len(pairs), wins, ties)
-    assert res["accuracy"] == pytest.approx(100 * wins / len(pairs))
+    assert (res["n"], res["correct"], res["ties"], res["strict_correct"]) == (len(pairs), wins + ties, ties, wins)
+    assert res["accuracy"] == pytest.approx(100 * (wins + ties) / len(pairs))
+    assert res["strict_accuracy"] == pytest.approx(100 * wins / len(pairs))
 
 
-def test_identical_sentences_tie_and_are_wrong(tok):
+def test_identical_sentences_tie_correct_in_babylm_form_wrong_in_strict(tok):
     model = make_model(tok, seed=0)
     pairs = [MinimalPair("the dog saw a cat.", "the dog saw a cat.", "g", "f"),
              MinimalPair("you want to go?", "you want to go?", "g", "f")]
     for method in ("pll", "pll_word_l2r"):
         good, bad = score_pairs(model, tok, pairs, method=method)
         res = summarize(pairs, good, bad)
-        assert (res["correct"], res["ties"], res["accuracy"]) == (0, 2, 0.0)
+        assert (res["correct"], res["ties"], res["accuracy"]) == (2, 2, 100.0)
+        assert (res["strict_correct"], res["strict_accuracy"], res["strict_macro_accuracy"]) == (0, 0.0, 0.0)
 
 
-def test_ewok_target_under_two_contexts(tok):
-    """EWoK compares the same target after each context: an input-blind model ties on every item."""
+def test_ewok_pairings(tok):
+    """targets (BabyLM): Target1 vs Target2 after Context1 - an input-blind model prefers the shorter target and ties
+    on equal lengths. contexts: the same target after each context - the input-blind model ties on every item."""
+    uniform = UniformLM(len(tok))
+    n_tok = lambda s: len(tok(" " + s, add_special_tokens=False).input_ids)  # noqa: E731
     pairs = load_task("ewok_fast", EVAL_DATA, limit=2)
-    res = evaluate_model(UniformLM(len(tok)), tok, ["ewok_fast"], task_pairs={"ewok_fast": pairs})["ewok_fast"]
-    assert (res["ties"], res["correct"], res["macro_accuracy"]) == (22, 0, 0.0)
-    good, bad = score_pairs(make_model(tok, seed=1), tok, pairs)  # a real model: context changes the target's score
+    assert all(p.good_prefix == p.bad_prefix and p.good != p.bad for p in pairs)
+    res = evaluate_model(uniform, tok, ["ewok_fast"], task_pairs={"ewok_fast": pairs})["ewok_fast"]
+    ties = sum(n_tok(p.good) == n_tok(p.bad) for p in pairs)
+    wins = sum(n_tok(p.good) < n_tok(p.bad) for p in pairs)
+    assert 0 < ties < len(pairs) and (res["ties"], res["correct"], res["strict_correct"]) == (ties, wins + ties, wins)
+    good, bad = score_pairs(uniform, tok, pairs)
+    assert good[0] == pytest.approx(-n_tok(pairs[0].good) * math.log(len(tok)))  # only the target's tokens count
+
+    ctx = load_task("ewok_fast", EVAL_DATA, limit=2, ewok_pairing="contexts")
+    res = evaluate_model(uniform, tok, ["ewok_fast"], task_pairs={"ewok_fast": ctx})["ewok_fast"]
+    assert (res["ties"], res["correct"], res["strict_macro_accuracy"], res["macro_accuracy"]) == (22, 22, 0.0, 100.0)
+    good, bad = score_pairs(make_model(tok, seed=1), tok, ctx)  # a real model: context changes the target's score
     assert all(g != b for g, b in zip(good, bad))
 
 
 def test_summarize_macro_micro_fields():
     pairs = [MinimalPair("a", "b", "p1", "syntax")] * 3 + [MinimalPair("a", "b", "p2", "morphology")]
     res = summarize(pairs, good=[1.0, 0.0, 2.0, 5.0], bad=[0.0, 0.0, 3.0, 1.0])
-    assert res["groups"]["p1"] == {"n": 3, "correct": 1, "ties": 1, "accuracy": pytest.approx(100 / 3)}
+    assert res["groups"]["p1"] == {"n": 3, "correct": 2, "ties": 1, "accuracy": pytest.approx(200 / 3),
+                                   "strict_correct": 1, "strict_accuracy": pytest.approx(100 / 3)}
     assert res["groups"]["p2"]["accuracy"] == 100.0
-    assert res["macro_accuracy"] == pytest.approx((100 / 3 + 100) / 2)  # BabyLM: mean over paradigms
-    assert res["accuracy"] == 50.0 and res["ties"] == 1  # micro
-    assert res["fields"]["syntax"]["correct"] == 1 and res["fields"]["morphology"]["correct"] == 1
+    assert res["macro_accuracy"] == pytest.approx((200 / 3 + 100) / 2)  # BabyLM: mean over paradigms
+    assert res["strict_macro_accuracy"] == pytest.approx((100 / 3 + 100) / 2)
+    assert res["accuracy"] == 75.0 and res["strict_accuracy"] == 50.0 and res["ties"] == 1  # micro
+    assert res["fields"]["syntax"]["correct"] == 2 and res["fields"]["morphology"]["correct"] == 1
 
 
 # ------------------------------------------------------------------------------------------- model folder and run
@@ -99,10 +117,15 @@ def test_evaluate_model_folder(tmp_path, tok):
     assert (tasks["supplement_fast"]["n"], len(tasks["supplement_fast"]["groups"])) == (10, 5)
     assert (tasks["ewok_fast"]["n"], len(tasks["ewok_fast"]["groups"])) == (22, 11)
     for t in tasks.values():
-        assert 0 <= t["macro_accuracy"] <= 100 and t["correct"] + t["ties"] <= t["n"]
+        assert 0 <= t["strict_macro_accuracy"] <= t["macro_accuracy"] <= 100 and t["ties"] <= t["correct"] <= t["n"]
+    assert (res["precision"], res["ewok_pairing"], res["ties_count_as"]) == ("fp32", "targets", "correct")
+    model = res["models"]["mymodel"]
+    assert model["strict_summary"]["blimp_fast"] == tasks["blimp_fast"]["strict_macro_accuracy"]
+    assert model["ties"] == {t: r["ties"] for t, r in tasks.items()}
     json.dumps(res, allow_nan=False)  # plain JSON
     report = format_report(res)
-    assert "== ewok_fast" in report and "MACRO" in report and "spatial-relations" in report
+    assert "== ewok_fast" in report and "MACRO strict" in report and "spatial-relations" in report
+    assert "strict mean" in report and "ewok_pairing=targets" in report
 
 
 def test_run_with_ensemble(tmp_path, tok):
@@ -150,11 +173,13 @@ def test_cli_prints_table_and_writes_json(tmp_path, tok, capsys):
     parser = argparse.ArgumentParser(prog="dwml")
     register(parser.add_subparsers(dest="command"))
     out = tmp_path / "res" / "eval.json"
-    args = parser.parse_args(["eval", str(folder), "--tasks", "supplement_fast", "--limit", "2", "--out", str(out),
-                              "--data-dir", str(EVAL_DATA), "--token-budget", "256", "--device", "cpu"])
+    args = parser.parse_args(["eval", str(folder), "--tasks", "supplement_fast,ewok_fast", "--limit", "2",
+                              "--out", str(out), "--data-dir", str(EVAL_DATA), "--token-budget", "256", "--device",
+                              "cpu", "--precision", "bf16", "--ewok-pairing", "contexts"])
     assert args.func(args) == 0
     saved = json.loads(out.read_text())
     assert saved["models"]["m"]["tasks"]["supplement_fast"]["n"] == 10 and saved["token_budget"] == 256
+    assert (saved["precision"], saved["ewok_pairing"]) == ("bf16", "contexts")
     printed = capsys.readouterr().out
     assert "supplement_fast" in printed and "turn_taking" in printed
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # atomic write leaves no temp files
@@ -168,7 +193,11 @@ def test_item_record_round_trips_outcomes_in_pair_order():
     good, bad = [1.0, 0.0, 2.0, 1.0, -1.0], [0.0, 0.0, 3.0, 0.5, -2.0]
     res = summarize(pairs, good, bad)
     correct, tie, group, names = item_outcomes(res)
-    assert correct.tolist() == [True, False, False, True, True]
+    assert correct.tolist() == [True, True, False, True, True]  # BabyLM form: the tie counts correct
     assert tie.tolist() == [False, True, False, False, False]
     assert [names[g] for g in group] == ["a", "b", "a", "b", "a"]
-    assert int(correct.sum()) == res["correct"]
+    assert int(correct.sum()) == res["correct"] and int((correct & ~tie).sum()) == res["strict_correct"]
+    # A record written when `correct` was strict reads back in the BabyLM form as well.
+    old = {"items": {**res["items"], "correct": "10011"}}
+    del old["items"]["ties_correct"]
+    assert item_outcomes(old)[0].tolist() == correct.tolist()

@@ -7,7 +7,7 @@ import pytest
 
 from dwml.cli import main
 from dwml.errors import DwmlError
-from dwml.experiment import load_experiment, parse_experiment, plan_runs, run_experiment
+from dwml.experiment import axis_values, load_experiment, parse_experiment, plan_runs, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = [{"layers": 2, "heads": 2, "hidden": 32 * (4 - i), "intermediate": 64 * (4 - i), "vocab_size": 1000,
@@ -95,6 +95,8 @@ def test_sweep_expansion_and_order(tmp_path):
     (('name = "mlm"', 'name = "teacher"'), r"duplicate run name 'teacher'"),
     (("[prepare]", "[data]\nprepared = 'x'\n[prepare]"), r"either \[prepare\].*or \[data\] prepared"),
     (("[base.data]", "[eval]\ntasks = ['blimpp']\n[base.data]"), r"eval.tasks: .*unknown task 'blimpp'"),
+    (("[base.data]", "[eval]\nprecision = 'fp16'\n[base.data]"), r"eval.precision: expected one of"),
+    (("[base.data]", "[eval]\newok_pairing = 'both'\n[base.data]"), r"eval.ewok_pairing: expected one of"),
     (("[base.data]", "[finetune]\nenabled = true\nepochs = 0\n[base.data]"), r"finetune.epochs"),
     (("[base.data]", "[finetune]\nmodels = 'some'\n[base.data]"), r"finetune.models: expected best\|all"),
 ])
@@ -140,7 +142,7 @@ def test_shipped_configs_load_and_plan(tmp_path, name):
         assert len(steps) == 1  # same budget for every run
     else:
         axes = {p.sweep["axis"] for p in plans if p.sweep}
-        assert axes == {"peers", "alpha", "learn_omega"}
+        assert axes == {"peers", "alpha", "learn_omega", "unroll"}
 
 
 EXPERIMENT = """
@@ -209,6 +211,9 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
     assert dwml["n_students"] == 2 and dwml["omega_learned"]
     assert dwml["omega_trajectory"]["outer_step"] == [0, 1, 2, 3]  # 6 steps / K = 2, plus the initial omega
     assert dwml["omega_trajectory"]["omega"][-1] == pytest.approx(dwml["omega"])
+    ratios = dwml["omega_trajectory"]["mixed_ratio"]
+    assert ratios[0] is None and all(r > 0 for r in ratios[1:])  # logged per outer step (adamw unroll)
+    assert dwml["unroll"] == "adamw" and dwml["mixed_ratio_median"] == pytest.approx(sorted(ratios[1:])[1])
     assert [m["name"] for m in dwml["models"]] == ["peer0", "peer1", "ensemble"]
     assert set(dwml["models"][0]["zero_shot"]) == {"blimp_fast", "supplement_fast", "ewok_fast"}
     assert dwml["flops"]["outer_steps"] == 3 and dwml["flops"]["measured_outer_step"] > 0
@@ -216,7 +221,8 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
     assert dwml["budget"]["tokens_per_student"] == runs["mlm"]["budget"]["tokens_per_student"] == 6 * 8 * 64
     assert results["correlation"]["n"] == 4  # 2 peers x 2 learned-omega runs
     report = (out / "report.md").read_text()
-    for section in ("## Table 1", "## Table 2", "## Figure 3", "## Figure 2", "## Table 9", "Pearson R"):
+    for section in ("## Table 1", "## Table 2", "## Figure 3", "## Table 3", "## Figure 2", "## Table 9",
+                    "Pearson R"):
         assert section in report
     assert "| dwml | dwml | ensemble |" in report and "★" in report and "n/a" in report  # GPU util on CPU
     assert (out / "figures" / "omega.png").read_bytes()[:4] == b"\x89PNG"
@@ -246,6 +252,20 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
 def test_parse_experiment_defaults():
     cfg = parse_experiment({"runs": [{"name": "a", "method": "mlm"}]}, "x")
     assert cfg.eval.tasks == ["blimp_filtered", "blimp_supplement", "ewok"] and not cfg.finetune.enabled
+    assert (cfg.eval.precision, cfg.eval.ewok_pairing) == ("fp32", "targets")  # BabyLM-comparable by default
     assert cfg.search is None and cfg.sweep is None and cfg.out_dir == "runs/experiment"
     with pytest.raises(DwmlError, match=r"x: runs: expected at least one"):
         parse_experiment({}, "x")
+
+
+def test_ablation_config_sweeps_the_unroll(tmp_path):
+    """The unroll ablation axis: adamw (= dwml itself), sgd and direct (mixed term dropped) are separate runs."""
+    cfg = load_experiment(REPO / "configs" / "ablation-tiny.toml")
+    archs = [dict(a, vocab_size=cfg.prepare.vocab_size) for a in (ARCHS * 2)[:cfg.search.peers]]
+    by = {p.name: p for p in plan_runs(cfg, tmp_path, tmp_path / "data", archs)}
+    assert by["dwml"].config.distill.unroll == "adamw" and by["dwml-unrolladamw"].alias_of == "dwml"
+    for unroll in ("sgd", "direct"):
+        plan = by[f"dwml-unroll{unroll}"]
+        assert plan.alias_of is None and plan.config.distill.unroll == unroll
+        assert plan.sweep == {"base": "dwml", "axis": "unroll", "value": unroll}
+        assert axis_values(plan, 4)["unroll"] == unroll  # a string axis reaches the report's sweep points

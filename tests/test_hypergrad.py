@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 from dataclasses import dataclass
 
@@ -254,3 +255,211 @@ def test_omega_state_updates_and_round_trips():
         OmegaState.uniform(4).load_state_dict(saved)
     with pytest.raises(DwmlError, match="finite"):
         state.update(torch.tensor([float("nan"), 0.0, 0.0]), cfg)
+
+
+# --- the AdamW unroll against the real optimizer ---------------------------------------------------------------------
+
+
+def make_adamw(peers, lrs=(3e-3, 1e-3, 2e-3)):
+    """Each peer's AdamW as the trainer builds it (no decay on 1-D parameters), with its own lr, after three real
+    steps on other batches, so its moments, step count and bias corrections are not trivial."""
+    from types import SimpleNamespace
+
+    from dwml.train import make_optimizer
+
+    hp = SimpleNamespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-6)
+    opts = [make_optimizer(m, hp) for m in peers]
+    for opt, lr in zip(opts, lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    for seed in (10, 11, 12):
+        b = make_batch(seed)
+        logits = [masked_logits(m, b.input_ids, b.attention_mask, b.positions) for m in peers]
+        loss, _ = dwml_loss(logits, b.labels, OMEGA, 0.5, 2.0)
+        for opt in opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    return opts
+
+
+ADAM_PEERS = make_peers()
+ADAM_OPTS = make_adamw(ADAM_PEERS)
+TEACHER = make_peers()[0]
+TEACHER_LOGITS = masked_logits(TEACHER, TRAIN.input_ids, TRAIN.attention_mask, TRAIN.positions).detach()
+
+
+def real_step_objective(omega, *, alpha, temperature, detach_targets, l2_kind, grad_clip=0.0, beta=0.0):
+    """F(omega) = L2 after the real `optimizer.step()` with the gradient of L1(theta, omega), written independently
+    of hypergrad.py: copies of the peers and their AdamW states, the trainer's per-peer clip, then L2."""
+    from dwml.losses import kd_dwml_loss
+
+    peers, opts = copy.deepcopy((ADAM_PEERS, ADAM_OPTS))  # one deepcopy: the states keep pointing at the copies
+    logits = [masked_logits(m, TRAIN.input_ids, TRAIN.attention_mask, TRAIN.positions) for m in peers]
+    if beta:
+        l1, _ = kd_dwml_loss(logits, TEACHER_LOGITS, TRAIN.labels, omega, alpha, beta, temperature, detach_targets)
+    else:
+        l1, _ = dwml_loss(logits, TRAIN.labels, omega, alpha, temperature, detach_targets)
+    l1.backward()
+    for m, opt in zip(peers, opts):
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip)
+        opt.step()
+    with torch.no_grad():
+        held = [masked_logits(m, HELDOUT.input_ids, HELDOUT.attention_mask, HELDOUT.positions) for m in peers]
+        return ensemble_loss(held, HELDOUT.labels, omega, l2_kind).item()
+
+
+def real_step_differences(eps=1e-5, **cfg):
+    out = []
+    for k in range(len(OMEGA)):
+        e = torch.zeros_like(OMEGA)
+        e[k] = eps
+        out.append((real_step_objective(OMEGA + e, **cfg) - real_step_objective(OMEGA - e, **cfg)) / (2 * eps))
+    return torch.tensor(out, dtype=D)
+
+
+def peer_grad_norms():
+    logits = [masked_logits(m, TRAIN.input_ids, TRAIN.attention_mask, TRAIN.positions) for m in ADAM_PEERS]
+    l1, _ = dwml_loss(logits, TRAIN.labels, OMEGA, 0.5, 2.0)
+    grads = torch.autograd.grad(l1, [p for m in ADAM_PEERS for p in m.parameters()])
+    sizes = [len(list(m.parameters())) for m in ADAM_PEERS]
+    norms, start = [], 0
+    for n in sizes:
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads[start:start + n]])).item())
+        start += n
+    return norms
+
+
+# between the two smallest peer-gradient norms: the clip is active for some peers and not for others (and no peer
+# sits on the clip's kink, where the real step is not differentiable)
+CLIP = math.sqrt(sorted(peer_grad_norms())[0] * sorted(peer_grad_norms())[1])
+ADAM_CONFIGS = [
+    dict(alpha=0.5, temperature=2.0, detach_targets=True, l2_kind="ensemble"),
+    dict(alpha=0.5, temperature=2.0, detach_targets=True, l2_kind="ensemble", grad_clip=CLIP),
+    dict(alpha=0.8, temperature=1.0, detach_targets=False, l2_kind="sum", grad_clip=CLIP, beta=0.5),
+]
+
+
+def adam_hypergradient(mode, unroll="adamw", beta=0.0, **cfg):
+    teacher = dict(teacher_logits=TEACHER_LOGITS, teacher_weight=beta) if beta else {}
+    return hypergradient(ADAM_PEERS, TRAIN, HELDOUT, OMEGA, mode=mode, unroll=unroll, optimizers=ADAM_OPTS,
+                         **teacher, **cfg)
+
+
+@pytest.mark.parametrize("cfg", ADAM_CONFIGS, ids=["no-clip", "clip", "kd_dwml-clip-no-detach-sum"])
+@pytest.mark.parametrize("mode", MODES)
+def test_adamw_unroll_matches_the_real_optimizer_step(mode, cfg):
+    before = [copy.deepcopy(o.state_dict()) for o in ADAM_OPTS]
+    fd = real_step_differences(**cfg)
+    g, info = adam_hypergradient(mode, **cfg)
+    err, err_centred = rel_err(g, fd), rel_err(centred(g), centred(fd))
+    print(f"\n{mode} {cfg}: rel err {err:.2e}, centred {err_centred:.2e}, mixed ratio {info['mixed_ratio']:.3f}")
+    assert err < 1e-6 and err_centred < 1e-6
+    assert rel_err(centred(info["direct"]), centred(fd)) > 1e3 * err_centred  # a missing mixed term would fail
+    assert info["l2"].item() == pytest.approx(real_step_objective(OMEGA, **cfg), rel=1e-10)
+    for opt, state in zip(ADAM_OPTS, before):  # the optimizers' states are read, never changed
+        for key, slot in opt.state_dict()["state"].items():
+            for name, value in slot.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(state["state"][key][name]))
+
+
+def test_adamw_second_moment_term_matters():
+    """Holding v' constant (dropping the v-part of dtheta'/dg) is measurably wrong against the real step."""
+    from dwml import hypergrad
+
+    cfg = ADAM_CONFIGS[0]
+    fd = real_step_differences(**cfg)
+    exact, _ = adam_hypergradient("per_peer", **cfg)
+
+    class ConstantV(hypergrad.InnerStep):
+        def vjp(self, grads, v):  # dtheta'/dg = -(lr / bc1) (1 - b1) / D only
+            out = []
+            for g, x, s in zip(grads, v, self.slots):
+                sq = s.exp_avg_sq * s.beta2 + g * g * (1 - s.beta2)
+                denom = sq.sqrt() / math.sqrt(1 - s.beta2**s.step) + s.eps
+                out.append(-(s.lr / (1 - s.beta1**s.step)) * (1 - s.beta1) / denom * x)
+            return out
+
+    real = hypergrad.InnerStep
+    hypergrad.InnerStep = ConstantV
+    try:
+        approx, _ = adam_hypergradient("per_peer", **cfg)
+    finally:
+        hypergrad.InnerStep = real
+    gap, exact_err = rel_err(centred(approx), centred(fd)), rel_err(centred(exact), centred(fd))
+    print(f"\ncentred rel err vs the real AdamW step: v held constant {gap:.2e}, v differentiated {exact_err:.2e}")
+    assert exact_err < 1e-6 and gap > 100 * exact_err
+
+
+@pytest.mark.parametrize("unroll", ["adamw", "sgd"])
+def test_modes_agree_for_every_unroll(unroll):
+    cfg = dict(alpha=0.5, temperature=2.0, grad_clip=CLIP, beta=0.5, gamma=0.7 if unroll == "sgd" else None)
+    results = [adam_hypergradient(mode, unroll=unroll, **cfg)[0] for mode in MODES]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-9, atol=1e-12)
+
+
+def test_sgd_unroll_with_teacher_matches_finite_differences():
+    """kd_dwml: the teacher term moves theta' (so L2 and v), though not d^2 L1 / dtheta domega."""
+    from dwml.losses import kd_dwml_loss
+
+    cfg = dict(alpha=0.5, temperature=2.0, detach_targets=True)
+
+    def objective(omega):
+        peers = [copy.deepcopy(m) for m in PEERS]
+        logits = [masked_logits(m, TRAIN.input_ids, TRAIN.attention_mask, TRAIN.positions) for m in peers]
+        l1, _ = kd_dwml_loss(logits, TEACHER_LOGITS, TRAIN.labels, omega, beta=0.5, **cfg)
+        params = [p for m in peers for p in m.parameters()]
+        grads = torch.autograd.grad(l1, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 2.0 * g
+            held = [masked_logits(m, HELDOUT.input_ids, HELDOUT.attention_mask, HELDOUT.positions) for m in peers]
+            return ensemble_loss(held, HELDOUT.labels, omega).item()
+
+    fd = []
+    for k in range(3):
+        e = torch.zeros_like(OMEGA)
+        e[k] = 1e-5
+        fd.append((objective(OMEGA + e) - objective(OMEGA - e)) / 2e-5)
+    fd = torch.tensor(fd, dtype=D)
+    for mode in MODES:
+        g, _ = hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, mode=mode, gamma=2.0, teacher_logits=TEACHER_LOGITS,
+                             teacher_weight=0.5, **cfg)
+        assert rel_err(g, fd) < 1e-6
+    without, _ = hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, gamma=2.0, **cfg)
+    assert rel_err(without, fd) > 1e-3  # leaving the teacher out of the unroll is measurably different
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_direct_unroll_drops_only_the_mixed_term(mode):
+    cfg = dict(alpha=0.5, temperature=2.0, grad_clip=CLIP)
+    g, info = adam_hypergradient(mode, unroll="direct", **cfg)
+    _, full = adam_hypergradient(mode, unroll="adamw", **cfg)
+    assert torch.count_nonzero(info["mixed"]) == 0 and info["mixed_ratio"] == 0.0
+    torch.testing.assert_close(g, full["direct"], rtol=1e-10, atol=1e-12)  # same theta', same L2
+    assert info["l2"].item() == pytest.approx(full["l2"].item(), rel=1e-12)
+
+
+def test_mixed_ratio_is_centred():
+    from dwml.hypergrad import mixed_ratio
+
+    direct = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    assert mixed_ratio(direct, torch.full((3,), 5.0, dtype=D)) == 0.0  # a constant shift moves nothing
+    assert mixed_ratio(direct, torch.tensor([0.0, 1.0, 0.0], dtype=D) + 7) == pytest.approx(
+        torch.tensor([-1 / 3, 2 / 3, -1 / 3]).norm().item() / 2**0.5)
+    assert math.isnan(mixed_ratio(torch.ones(3, dtype=D), direct))
+
+
+def test_unroll_arguments_are_checked():
+    with pytest.raises(DwmlError, match="unroll"):
+        hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, unroll="adam", **BASE)
+    with pytest.raises(DwmlError, match="optimizers"):
+        hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, unroll="adamw", alpha=0.5)
+    with pytest.raises(DwmlError, match="gamma"):
+        hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, unroll="sgd", alpha=0.5)
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.1) for m in PEERS]
+    with pytest.raises(DwmlError, match="AdamW"):
+        hypergradient(PEERS, TRAIN, HELDOUT, OMEGA, unroll="adamw", optimizers=sgd, alpha=0.5)

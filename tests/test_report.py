@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dwml.report import (best_model, cost_table, main_table, md_table, model_rows, omega_correlation, pearson,
-                         peer_table, render_report, sweep_points, write_report)
+from dwml.report import (best_model, cost_table, main_table, md_table, model_rows, omega_correlation, outer_table,
+                         pearson, peer_table, render_report, sweep_points, write_report)
 
 TASKS = ["blimp_fast", "supplement_fast", "ewok_fast"]
 
@@ -31,8 +31,10 @@ def run(name, method, summ, ev, ft=None, sweep=None, flops=None, timing=None, st
         "status": "done", "axes": {"peers": len(summ["peers"]), "alpha": 0.5, "learn_omega": True},
         "n_students": len(summ["peers"]), "omega": summ["omega"], "omega_learned": summ["omega_learned"],
         "omega_trajectory": {"outer_step": [0, 1, 2], "omega": [[1 / len(summ["omega"])] * len(summ["omega"]),
-                                                                 summ["omega"], summ["omega"]]}
-        if method == "dwml" else {"outer_step": [], "omega": []},
+                                                                 summ["omega"], summ["omega"]],
+                             "mixed_ratio": [None, 0.02, 0.04]}
+        if method == "dwml" else {"outer_step": [], "omega": [], "mixed_ratio": []},
+        "unroll": "adamw", "mixed_ratio_median": 0.03 if method == "dwml" else None,
         "valid_ensemble_loss": summ["valid_ensemble_loss"], "models": rows, "best": best_model(rows),
         "timing": timing, "flops": flops or {},
     }
@@ -115,6 +117,18 @@ def test_main_table_marks_best_peer_and_ensemble(results):
     assert rows[3][2] == "peer0 ★"
 
 
+def test_tables_show_strict_accuracy_and_ties(results):
+    """BabyLM-form accuracy (ties correct) is the headline; the strict mean and the tie count stand beside it."""
+    ev = evaluation({"peer0": [60, 50, 55]})
+    ev["models"]["peer0"].update(strict_summary=dict(zip(TASKS, [58, 50, 52])), ties=dict(zip(TASKS, [3, 0, 4])))
+    results["runs"][0]["models"] = model_rows(summary([1.0], [500_000], [5.0], learned=False), ev, None)
+    for md in (main_table(results), peer_table(results)):
+        header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+        mlm = table_rows(md)[0]
+        assert [mlm[header.index(c)] for c in ("Zero-shot mean", "Strict mean", "Ties")] == ["55.0", "53.3", "7"]
+        assert table_rows(md)[1][header.index("Ties")] == "–"  # an evaluation without the strict numbers
+
+
 def test_peer_table_has_every_model_and_glue_tasks(results):
     md = peer_table(results)
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
@@ -190,3 +204,13 @@ def test_write_report_files(results, tmp_path):
     text = write_report(plain, out).read_text()
     assert not (out / "figures" / "omega.png").exists() and "No learned-ω run" in text
     assert math.isfinite(results["correlation"]["r"])
+
+
+def test_outer_table_lists_learned_omega_runs_with_their_median_ratio(results):
+    results["runs"][2]["unroll"], results["runs"][2]["mixed_ratio_median"] = "sgd", 0.0012
+    rows = table_rows(outer_table(results))
+    assert rows == [["dwml", "dwml", "adamw", "2", "0.03"], ["dwml-alpha0.3", "dwml", "sgd", "2", "0.0012"]]
+    assert "## Table 3: the outer step" in render_report(results)
+    for run in results["runs"]:
+        run["omega_learned"] = False
+    assert outer_table(results) == "" and "## Table 3" not in render_report(results)

@@ -8,8 +8,8 @@ import torch
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dwml.errors import DwmlError
-from dwml.scoring import (PeerEnsemble, build_masked_copies, masked_log_probs, score_sentences,
-                          score_sentences_naive)
+from dwml.scoring import (PeerEnsemble, _pack, build_masked_copies, cached_masked_copies, masked_log_probs,
+                          score_sentences, score_sentences_naive)
 from evalfixtures import EVAL_DATA, blimp_sentences, make_model, make_tokenizer
 
 pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
@@ -96,6 +96,81 @@ def test_masked_log_probs_fast_path_equals_full_logits(model, tok, sentences):
         ref = torch.log_softmax(full.reshape(-1, full.shape[-1])[positions], -1)
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_hold_one_length_within_the_budget():
+    lengths = [3] * 5 + [4] * 7 + [9] + [20] * 2
+    batches = _pack(lengths, budget=12)
+    assert [(a, b) for a, b, _ in batches] == [(0, 4), (4, 5), (5, 8), (8, 11), (11, 12), (12, 13), (13, 14), (14, 15)]
+    for start, stop, width in batches:
+        assert set(lengths[start:stop]) == {width}  # no padding
+        assert stop - start == 1 or (stop - start) * width <= 12  # a row longer than the budget goes alone
+    assert _pack([], 5) == []
+
+
+# ------------------------------------------------------------------------------------------- precision
+
+
+def test_fp32_is_true_fp32_even_inside_an_outer_autocast(model, tok, sentences):
+    ref = score_sentences_naive(model, tok, sentences[:6])
+    fp32 = score_sentences(model, tok, sentences[:6], precision="fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. called from a bf16 training loop
+        inside = score_sentences(model, tok, sentences[:6], precision="fp32")
+    assert inside == fp32 and max(abs(a - b) for a, b in zip(fp32, ref)) < 1e-4
+
+
+def test_bf16_is_close_to_fp32_but_not_equal(model, tok, sentences):
+    fp32 = score_sentences(model, tok, sentences, precision="fp32")
+    bf16 = score_sentences(model, tok, sentences, precision="bf16")
+    diff = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16)]
+    assert max(diff) < 0.05 and max(diff) > 1e-6  # bf16 rounding is visible, and small
+    with pytest.raises(DwmlError, match="precision"):
+        score_sentences(model, tok, sentences, precision="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_per_batch_on_cuda(model, tok, sentences):
+    """The device loop launches work only: the host syncs as often with 40 batches as with 3 (the copies' transfer to
+    the device and the one read-back), and fp32 runs without TF32."""
+    import warnings
+
+    gpu = make_model(tok, seed=0).cuda()
+
+    def syncs(budget: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                score_sentences(gpu, tok, sentences, token_budget=budget)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    score_sentences(gpu, tok, sentences)  # warm-up (and fill the copy cache)
+    assert syncs(4096) == syncs(20)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    fp32 = score_sentences(gpu, tok, sentences, precision="fp32")
+    assert torch.backends.cuda.matmul.allow_tf32  # restored
+    assert max(abs(a - b) for a, b in zip(fp32, score_sentences(model, tok, sentences))) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- cached copies
+
+
+def test_copies_are_built_once_per_tokenizer_and_texts(model, tok, sentences):
+    a = cached_masked_copies(tok, sentences, [0] * len(sentences), "pll", 128)
+    assert cached_masked_copies(tok, list(sentences), [0] * len(sentences), "pll", 128) is a
+    assert cached_masked_copies(make_tokenizer(), sentences, [0] * len(sentences), "pll", 128) is a  # same definition
+    other_tok = make_tokenizer(vocab_size=500)
+    b = cached_masked_copies(other_tok, sentences, [0] * len(sentences), "pll", 128)
+    assert b is not a and not torch.equal(a.ids, b.ids)
+    assert cached_masked_copies(tok, sentences, [0] * len(sentences), "pll_word_l2r", 128) is not a
+    assert cached_masked_copies(tok, sentences[1:], [0] * (len(sentences) - 1), "pll", 128) is not a
+    fresh = build_masked_copies(tok, sentences, [0] * len(sentences), "pll", 128)
+    assert all(torch.equal(getattr(a, f), getattr(fresh, f)) for f in ("ids", "lengths", "sent", "pos", "end"))
+    # Two models scored through the cache get their own (different) scores.
+    other = make_model(tok, seed=9)
+    assert score_sentences(other, tok, sentences) != score_sentences(model, tok, sentences)
 
 
 # ------------------------------------------------------------------------------------------- which tokens are scored

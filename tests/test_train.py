@@ -167,3 +167,30 @@ def test_grad_accumulation_equals_one_big_batch(tiny_prepared, tmp_path):
     a, b = _final_weights(tmp_path / "big"), _final_weights(tmp_path / "acc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_every_method_reports_on_the_same_valid_sequences(tiny_prepared, tmp_path):
+    """The held-out slice for DWML's L2 is left out of the reporting set of every run, not only of learned-omega
+    runs: an mlm and a dwml run of one experiment report validation loss on identical sequences and masks, and none
+    of them is an L2 sequence."""
+    from dwml.runtime import Runtime
+    from dwml.shards import PackedSequences, load_meta
+    from dwml.train import make_batches
+
+    rt = Runtime(torch.device("cpu"), None)
+    vocab = int(load_meta(tiny_prepared)["vocab_size"])
+    mlm = make_cfg(tiny_prepared, tmp_path / "mlm", train={"eval_batches": 100})
+    dwml = make_cfg(tiny_prepared, tmp_path / "dwml", train={"method": "dwml", "eval_batches": 100},
+                    model={"peers": PEERS})
+    a = make_batches(mlm, tiny_prepared, vocab, rt, need_heldout=False)
+    b = make_batches(dwml, tiny_prepared, vocab, rt, need_heldout=True)
+    assert a.heldout is None and b.heldout is not None
+    assert len(a.valid) == len(b.valid) > 0
+    for x, y in zip(a.valid, b.valid):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.positions, y.positions)
+        assert torch.equal(x.labels, y.labels)
+    # eval_batches is large enough for the whole reporting set: every valid sequence except the held-out ones
+    n_valid = len(PackedSequences(tiny_prepared, "valid", mlm.data.seq_len))
+    n_held = len(b.heldout.sequences)
+    assert 0 < n_held < n_valid
+    assert sum(vb.input_ids.shape[0] for vb in a.valid) == n_valid - n_held

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
 @dataclass
@@ -28,7 +29,8 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
-    heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2), never used for reporting
+    heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
+    #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
 
 
@@ -44,6 +46,7 @@ class ModelConfig:
     peers: list = field(default_factory=list)
     peers_file: str = ""
     dropout: float = 0.1
+    family: str = "roberta"  # roberta (the paper's model) | modernbert (pre-norm, RoPE, GeGLU; dwml.model)
 
 
 @dataclass
@@ -89,6 +92,8 @@ class DistillConfig:
     omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
     l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
     hypergrad: str = "per_peer"  # exact mixed term of eq. (3): per_peer | double_backward | jvp
+    unroll: str = "adamw"  # inner step the outer step differentiates: adamw (the real one) | sgd (eq. 3) | direct
+    #                        (adamw's theta', mixed term dropped: ablation)
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
     teacher_weight: float = 0.5  # kd_dwml: weight of the teacher term
     sd_layers: list = field(default_factory=list)  # sd: layers with auxiliary heads; empty = all but the last
@@ -116,6 +121,8 @@ class RunConfig:
         _check(d.l2 in ("ensemble", "sum"), f"distill.l2: expected ensemble|sum, got {d.l2!r}")
         _check(d.hypergrad in ("per_peer", "double_backward", "jvp"),
                f"distill.hypergrad: expected per_peer|double_backward|jvp, got {d.hypergrad!r}")
+        _check(d.unroll in ("adamw", "sgd", "direct"),
+               f"distill.unroll: expected adamw|sgd|direct, got {d.unroll!r}")
         _check(0.0 <= d.teacher_weight <= 1.0, f"distill.teacher_weight: expected [0, 1], got {d.teacher_weight}")
         _check(t.max_steps >= 1, f"train.max_steps: expected >= 1, got {t.max_steps}")
         _check(t.batch_size >= 1, f"train.batch_size: expected >= 1, got {t.batch_size}")
@@ -124,6 +131,8 @@ class RunConfig:
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
+        _check(self.model.family in MODEL_FAMILIES,
+               f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import RunConfig, from_dict, merge
 from .errors import DwmlError
+from .io import claim_dir
 
 # The demo's recipe, kept small enough for a 2-core CPU: a ~1.4M-parameter tiny model, 64-token sequences.
 DEMO_CONFIG = {
@@ -56,9 +57,9 @@ def run_demo(args) -> int:
     if args.peers < 2:
         raise DwmlError(f"--peers: DWML needs at least 2 peers, got {args.peers}")
     t0 = time.perf_counter()
-    out = Path(args.out)
-    prepared = out / "data"
     inputs = args.corpus or [default_corpus_path()]
+    out = claim_dir(args.out, "demo", legacy=("peers.json", "data/meta.json"))  # never an unrelated directory
+    prepared = out / "data"
     print(f"[1/5] prepare {', '.join(map(str, inputs))} -> {prepared}")
     if (prepared / "meta.json").is_file():
         print("      (reusing the prepared data)")

@@ -9,12 +9,12 @@ Conventions follow BabyLM's 2025 evaluation pipeline (`evaluation_pipeline/sente
   "syntax/semantics", as the pipeline does).
 - Supplement: grouped by file name; sentences are scored verbatim, so the "\\n" between dialogue turns stays in the
   text and becomes an ordinary (byte-level) token, as in the pipeline.
-- EWoK: the same target `Target1` is scored after `Context1` (good) and after `Context2` (bad); the text is
-  `Context + " " + Target` and only the target tokens are summed. BabyLM's `ewok_filtered` files already hold every
-  item twice (the second copy with contexts and targets swapped), so both targets are tested in both contexts.
-  Note: the babylm/evaluation-pipeline-2025 revision we could read (248fbcc) instead compares Target1 vs Target2
-  after Context1 (`sentences = [C1 + " " + T1, C1 + " " + T2]`); we follow the context comparison, which is what
-  EWoK's minimal pairs are built for (is the same target more plausible in the matching context?).
+- EWoK, `ewok_pairing="targets"` (default, as BabyLM's pipeline scores it: `decode_ewok` of evaluation-pipeline-2025,
+  read at 248fbcc): `Context1 + " " + Target1` (good) vs `Context1 + " " + Target2` (bad), only the
+  target tokens (completions `" " + Target`) summed - which target fits the context better.
+  `ewok_pairing="contexts"` (dwml's earlier default): the same `Target1` after `Context1` (good) vs after `Context2`
+  (bad) - in which context is the target more plausible. Only `targets` numbers are comparable with BabyLM's. BabyLM's `ewok_filtered` files hold every item twice (the second
+  copy with contexts and targets swapped), so both pairings test both targets and both contexts.
 
 EWoK's terms forbid plain text online, so it is read straight from its password-protected zip and never written out.
 """
@@ -31,6 +31,7 @@ from .errors import DwmlError
 
 EWOK_PASSWORD = b"ewok"
 EWOK_ZIP = "ewok/ewok_data_babylm.zip"
+EWOK_PAIRINGS = ("targets", "contexts")  # the first is the default (BabyLM's)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,11 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return out
 
 
-def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[MinimalPair]:
-    """All pairs of one task, files in sorted order; `limit` keeps the first N pairs of every file (quick runs)."""
+def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None,
+              ewok_pairing: str = EWOK_PAIRINGS[0]) -> list[MinimalPair]:
+    """All pairs of one task, files in sorted order; `limit` keeps the first N pairs of every file (quick runs);
+    `ewok_pairing` says what an EWoK pair compares (see the module docstring)."""
+    check_ewok_pairing(ewok_pairing)
     spec = TASKS.get(TASK_ALIASES.get(name, name))
     if spec is None:
         raise DwmlError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
@@ -115,7 +119,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
             files = [(p.stem, p.read_text(encoding="utf-8"), str(p)) for p in _jsonl_files(folder)]
         else:
             files = list(_read_zip_folder(root / EWOK_ZIP, spec.zip_member))
-        return [pair for stem, text, where in files for pair in _decode_file(spec.kind, stem, text, where, limit)]
+        return [pair for stem, text, where in files
+                for pair in _decode_file(spec.kind, stem, text, where, limit, ewok_pairing)]
     folder = _first_dir(root, spec.dirs)
     if folder is None:
         tried = ", ".join(str(root / d) for d in spec.dirs)
@@ -127,10 +132,16 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
 
 
 def load_ewok_zip(zip_path: str | os.PathLike, member: str = "ewok_filtered", limit: int | None = None,
-                  password: bytes = EWOK_PASSWORD) -> list[MinimalPair]:
+                  password: bytes = EWOK_PASSWORD, ewok_pairing: str = EWOK_PAIRINGS[0]) -> list[MinimalPair]:
     """EWoK pairs read in memory from the password-protected zip (nothing is extracted to disk)."""
+    check_ewok_pairing(ewok_pairing)
     return [pair for stem, text, where in _read_zip_folder(Path(zip_path), member, password)
-            for pair in _decode_file("ewok", stem, text, where, limit)]
+            for pair in _decode_file("ewok", stem, text, where, limit, ewok_pairing)]
+
+
+def check_ewok_pairing(pairing: str, field: str = "--ewok-pairing") -> None:
+    if pairing not in EWOK_PAIRINGS:
+        raise DwmlError(f"{field}: expected one of {list(EWOK_PAIRINGS)}, got {pairing!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------- internals
@@ -173,11 +184,14 @@ def _read_zip_folder(zip_path: Path, member: str, password: bytes = EWOK_PASSWOR
 _REQUIRED = {
     "blimp": ("sentence_good", "sentence_bad"),
     "supplement": ("sentence_good", "sentence_bad"),
-    "ewok": ("Context1", "Context2", "Target1"),
+    "ewok:targets": ("Context1", "Target1", "Target2"),
+    "ewok:contexts": ("Context1", "Context2", "Target1"),
 }
 
 
-def _decode_file(kind: str, stem: str, text: str, where: str, limit: int | None) -> list[MinimalPair]:
+def _decode_file(kind: str, stem: str, text: str, where: str, limit: int | None,
+                 ewok_pairing: str = EWOK_PAIRINGS[0]) -> list[MinimalPair]:
+    required = _REQUIRED[f"ewok:{ewok_pairing}" if kind == "ewok" else kind]
     pairs: list[MinimalPair] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -188,16 +202,16 @@ def _decode_file(kind: str, stem: str, text: str, where: str, limit: int | None)
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DwmlError(f"{where}:{lineno}: invalid JSON ({e.msg})") from None
-        missing = [k for k in _REQUIRED[kind] if not isinstance(row.get(k), str)]
+        missing = [k for k in required if not isinstance(row.get(k), str)]
         if missing:
             raise DwmlError(f"{where}:{lineno}: missing or non-string field(s) {missing}")
-        pairs.append(_decode_row(kind, stem, row))
+        pairs.append(_decode_row(kind, stem, row, ewok_pairing))
     if not pairs:
         raise DwmlError(f"{where}: no pairs")
     return pairs
 
 
-def _decode_row(kind: str, stem: str, row: dict) -> MinimalPair:
+def _decode_row(kind: str, stem: str, row: dict, ewok_pairing: str) -> MinimalPair:
     if kind == "blimp":
         field = str(row.get("field", "unknown"))
         # One paradigm spells it "syntax/semantics", the others "syntax_semantics"; BabyLM merges them the same way.
@@ -205,6 +219,10 @@ def _decode_row(kind: str, stem: str, row: dict) -> MinimalPair:
                            field="syntax/semantics" if field == "syntax_semantics" else field)
     if kind == "supplement":
         return MinimalPair(row["sentence_good"], row["sentence_bad"], group=stem, field="supplement")
-    # EWoK: the same target after the matching (good) and the mismatching (bad) context.
-    return MinimalPair(row["Target1"], row["Target1"], group=str(row.get("Domain", stem)), field="ewok",
+    group = str(row.get("Domain", stem))
+    if ewok_pairing == "targets":  # BabyLM: the matching (good) and the mismatching (bad) target after Context1
+        return MinimalPair(row["Target1"], row["Target2"], group=group, field="ewok",
+                           good_prefix=row["Context1"], bad_prefix=row["Context1"])
+    # contexts: the same target after the matching (good) and the mismatching (bad) context
+    return MinimalPair(row["Target1"], row["Target1"], group=group, field="ewok",
                        good_prefix=row["Context1"], bad_prefix=row["Context2"])

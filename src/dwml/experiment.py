@@ -14,7 +14,7 @@ One TOML file describes the experiment (strict: an unknown key is an error namin
                                      # optional data/model/train/distill tables overriding [base]
     [sweep]                          # base = "RUN"; axis = [values], one axis at a time: `peers` or any [distill]
                                      # field (alpha, learn_omega, ...); run "RUN-alpha0.3" etc.
-    [eval]                           # zero-shot tasks, limit, scoring method (`dwml eval`)
+    [eval]                           # zero-shot tasks, limit, scoring method, precision, ewok_pairing (`dwml eval`)
     [finetune]                       # enabled, models = "best"|"all", and any `dwml finetune` setting
 
 The experiment directory holds data/ (if prepared here), peers.json, one run directory per run, eval_<run>.json,
@@ -50,7 +50,7 @@ from typing import Any, Callable
 from .config import METHODS, DistillConfig, RunConfig, from_dict, merge, parse_set, read_toml, to_toml
 from .errors import DwmlError, require
 from .finetune import FinetuneConfig
-from .io import write_json
+from .io import claim_dir, write_json
 
 SECTIONS = ("data", "model", "train", "distill")  # RunConfig tables a run may override
 PEER_METHODS = ("dml", "dwml", "kd_dwml")
@@ -88,6 +88,8 @@ class EvalSection:
     tasks: list = field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))
     limit: int = 0  # pairs per file; 0 = all
     method: str = "pll"  # pll | pll_word_l2r
+    precision: str = "fp32"  # fp32 (true fp32: the numbers to report) | bf16 (autocast, faster on GPUs)
+    ewok_pairing: str = "targets"  # targets (BabyLM: C1+T1 vs C1+T2) | contexts (T1 after C1 vs after C2)
     ensemble: bool = True  # also score the omega-weighted ensemble of multi-peer runs
     token_budget: int = 0  # 0 = the scorer's default
     device: str = "auto"
@@ -211,14 +213,17 @@ def parse_experiment(data: dict, where: str = "experiment") -> ExperimentConfig:
 
     if "eval" in data:
         cfg.eval = from_dict(EvalSection, data["eval"], f"{where}: eval")
-    from .evaldata import parse_tasks
-    from .scoring import METHODS as SCORING
+    from .evaldata import EWOK_PAIRINGS, parse_tasks
+    from .scoring import METHODS as SCORING, PRECISIONS
 
     try:
         cfg.eval.tasks = parse_tasks(cfg.eval.tasks)
     except DwmlError as e:
         raise DwmlError(f"{where}: eval.tasks: {e}") from None
     require(cfg.eval.method in SCORING, f"{where}: eval.method: expected one of {list(SCORING)}")
+    require(cfg.eval.precision in PRECISIONS, f"{where}: eval.precision: expected one of {list(PRECISIONS)}")
+    require(cfg.eval.ewok_pairing in EWOK_PAIRINGS,
+            f"{where}: eval.ewok_pairing: expected one of {list(EWOK_PAIRINGS)}")
     require(cfg.eval.limit >= 0, f"{where}: eval.limit: expected 0 (all) or a number of pairs per file")
 
     if "finetune" in data:
@@ -379,7 +384,7 @@ def axis_values(plan: PlannedRun, n_students: int) -> dict[str, Any]:
     d = plan.config.distill
     values = {"peers": n_students}
     values.update({f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)
-                   if isinstance(getattr(d, f.name), (int, float, bool))})
+                   if isinstance(getattr(d, f.name), (int, float, bool, str))})
     return values
 
 
@@ -413,7 +418,8 @@ def search_settings(cfg: ExperimentConfig, vocab_size: int):
     from .model import POSITION_OFFSET
 
     s = cfg.search
-    return dataclasses.replace(s, vocab_size=s.vocab_size or vocab_size,
+    family = s.family or from_dict(RunConfig, cfg.base, "base").model.family  # the peers of [base]'s family
+    return dataclasses.replace(s, vocab_size=s.vocab_size or vocab_size, family=family,
                                max_positions=s.max_positions or seq_len + POSITION_OFFSET)
 
 
@@ -502,7 +508,8 @@ def flops_stage(plan: PlannedRun, exp_dir: Path) -> dict:
 
 def eval_settings(cfg: ExperimentConfig) -> dict:
     e = cfg.eval
-    return {"tasks": list(e.tasks), "limit": e.limit or None, "method": e.method}
+    return {"tasks": list(e.tasks), "limit": e.limit or None, "method": e.method, "precision": e.precision,
+            "ewok_pairing": e.ewok_pairing}
 
 
 def eval_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, log: Callable[[str], None]) -> dict | None:
@@ -518,7 +525,8 @@ def eval_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, log: Call
     e = cfg.eval
     log(f"run {plan.name}: zero-shot eval on {', '.join(e.tasks)}" + (f" (limit {e.limit})" if e.limit else ""))
     return evaluate_path(plan.config.out_dir, e.tasks, method=e.method, token_budget=e.token_budget or None,
-                         device=e.device, limit=e.limit or None, ensemble=e.ensemble, out_file=path)
+                         device=e.device, limit=e.limit or None, ensemble=e.ensemble, out_file=path,
+                         precision=e.precision, ewok_pairing=e.ewok_pairing)
 
 
 def finetune_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summary: dict, evaluation: dict | None,
@@ -551,8 +559,10 @@ def finetune_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summa
 
 
 def omega_trajectory(run_dir: Path) -> dict:
-    """{"outer_step": [0, 1, ...], "omega": [[...], ...]} from metrics.jsonl (outer step 0 = the initial omega)."""
-    steps, omegas = [], []
+    """{"outer_step": [0, 1, ...], "omega": [[...], ...], "mixed_ratio": [None, r1, ...]} from metrics.jsonl
+    (outer step 0 = the initial omega; mixed_ratio = the centred |mixed| / |direct| of each outer step, None where
+    it was not logged or undefined)."""
+    steps, omegas, ratios = [], [], []
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {"outer_step": [], "omega": []}
@@ -564,12 +574,22 @@ def omega_trajectory(run_dir: Path) -> dict:
         if r.get("step") == 0 and not steps and "omega" in r:
             steps.append(0)
             omegas.append(r["omega"])
+            ratios.append(None)
         if "outer_step" in r:
             steps.append(int(r["outer_step"]))
             omegas.append(r["omega"])
+            ratios.append(r.get("mixed_ratio"))
     if len(steps) == 1:  # no outer step was ever taken: no trajectory
-        return {"outer_step": [], "omega": []}
-    return {"outer_step": steps, "omega": omegas}
+        return {"outer_step": [], "omega": [], "mixed_ratio": []}
+    return {"outer_step": steps, "omega": omegas, "mixed_ratio": ratios}
+
+
+def median_or_none(values: list) -> float | None:
+    """Median of the numbers among `values` (None entries skipped); None if there are none."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None]
+    return statistics.median(xs) if xs else None
 
 
 def data_stats(prepared: Path, seq_len: int) -> dict:
@@ -659,11 +679,13 @@ def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, 
         "omega": summary["omega"],
         "omega_learned": bool(summary.get("omega_learned")),
         "omega_trajectory": omega_trajectory(Path(rc.out_dir)),
+        "unroll": rc.distill.unroll,
         "valid_ensemble_loss": summary.get("valid_ensemble_loss"),
         "models": rows,
         "best": best_model(rows),
         "timing": timing,
     })
+    rec["mixed_ratio_median"] = median_or_none(rec["omega_trajectory"].get("mixed_ratio", []))
     outer_steps = rc.train.max_steps // rc.distill.outer_every if rec["omega_learned"] else 0
     fl = {"analytic_per_student": analytic["per_student"], "analytic_teacher_forward": analytic["teacher_forward"],
           "analytic_total": analytic["total"], "mask_frac": analytic["mask_frac"], "outer_steps": outer_steps}
@@ -743,8 +765,7 @@ def run_experiment(cfg: ExperimentConfig, *, only: list[str] | None = None, repo
     log = log or (lambda s: print(f"[experiment] {s}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     host = host_info()
-    exp_dir = Path(cfg.out_dir)
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_dir = claim_dir(cfg.out_dir, "experiment", legacy=("results.json", "peers.json", "data/meta.json"))
     if report_only:
         prepared = prepared_dir(cfg, exp_dir)
         require((prepared / "meta.json").is_file(), f"{prepared}: no prepared data; run the experiment first")

@@ -9,7 +9,11 @@ import json
 from pathlib import Path
 
 from .errors import DwmlError
-from .io import atomic_dir, read_json, write_text
+from .io import atomic_dir, check_output_dir, read_json, write_text
+
+
+# How the model card names each model family (`dwml.model`).
+FAMILY_STYLE = {"roberta": "RoBERTa-style", "modernbert": "ModernBERT (pre-norm, rotary positions, GeGLU)"}
 
 
 def find_scores(run_dir: Path, peer: int) -> dict:
@@ -27,20 +31,22 @@ def find_scores(run_dir: Path, peer: int) -> dict:
 def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
     p = summary["peers"][peer]
     a = p["arch"]
+    family = a.get("family", "roberta")
+    style = FAMILY_STYLE.get(family, family)
     omega = summary.get("omega") or []
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: fill-mask",
-        "tags: [babylm, masked-lm, roberta, knowledge-distillation, dwml]",
+        f"tags: [babylm, masked-lm, {family}, knowledge-distillation, dwml]",
         "---",
         f"# {run_dir.name} / peer {peer} ({p['name']})",
         "",
-        "RoBERTa-style masked language model trained with "
+        f"{style} masked language model trained with "
         f"**{summary['method']}** by [dwml](https://arxiv.org/abs/2411.16487)-style teacher-less distillation.",
         "",
         "## Architecture",
-        f"- layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
+        f"- family {family}, layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
         f"intermediate {a['intermediate']}, vocabulary {a['vocab_size']}, positions {a['max_positions']}",
         f"- parameters: {p['params']:,}",
         "",
@@ -69,7 +75,9 @@ def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
+def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write peer `peer` of a finished run to `out_dir`: new, empty or an earlier export (else `overwrite`); never
+    the run itself or a folder holding it; inside the run only under RUN/export/."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -80,10 +88,11 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path) -> Path:
     n = len(summary.get("peers", []))
     if not 0 <= peer < n:
         raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
+    check_output_dir(out_dir, "export", inputs=[run_dir], overwrite=overwrite, allowed_inside=[run_dir / "export"])
     src = run_dir / "final" / f"peer{peer}"
     model = AutoModelForMaskedLM.from_pretrained(src)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, command="export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
@@ -94,12 +103,14 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write one peer of a run as a self-contained Hugging Face model folder")
     p.add_argument("run", help="run directory (with final/summary.json)")
     p.add_argument("--peer", type=int, default=0, help="peer index (default 0)")
-    p.add_argument("--out", help="output folder (default RUN/export/peerI)")
+    p.add_argument("--out", help="output folder (default RUN/export/peerI); must be new, empty or an earlier export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing folder that dwml export did not write")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "export" / f"peer{args.peer}"
-    export_peer(args.run, args.peer, out)
+    export_peer(args.run, args.peer, out, overwrite=args.overwrite)
     print(f"exported peer {args.peer} of {args.run} -> {out}")
     return 0

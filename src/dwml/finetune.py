@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import runtime
 from .errors import DwmlError, require
-from .io import write_json
+from .io import check_output_file, write_json
 from .model import POSITION_OFFSET
 
 # The repository's data lives next to it: <repo>/../shared/data (see docs/CONTRIBUTING_AGENTS.md).
@@ -669,6 +669,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
     models = resolve_models(args.model, args.peer)
     results = {}
     for model_dir in models:

@@ -51,9 +51,11 @@ H100_BF16_PEAK = 989.4e12
 
 
 def encoder_matmul_params(arch: Arch) -> int:
-    """N_enc = L (4 H^2 + 2 H I): the weights that multiply every token (no embeddings, biases or LayerNorms)."""
+    """N_enc = L (4 H^2 + 2 H I): the weights that multiply every token (no embeddings, biases or LayerNorms);
+    L (4 H^2 + 3 H I) for ModernBERT, whose GeGLU input projection is H -> 2I."""
     H, I = arch.hidden, arch.intermediate
-    return arch.layers * (4 * H * H + 2 * H * I)
+    ffn = 3 if arch.family == "modernbert" else 2
+    return arch.layers * (4 * H * H + ffn * H * I)
 
 
 def head_matmul_params(arch: Arch) -> int:
@@ -175,16 +177,18 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
     n = len(archs)
     omega = torch.full((n,), 1.0 / n, dtype=torch.float64, device=dev)
 
-    def micro_step():
+    def teacher_logits():
         from .model import masked_logits
 
+        if teacher is None:
+            return None
+        with torch.no_grad():
+            return masked_logits(teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
+
+    def micro_step():
         outs = [s(batch.input_ids, batch.attention_mask, batch.positions) for s in students]
         outs = [(z.float(), [a.float() for a in aux]) for z, aux in outs]
-        z_t = None
-        if teacher is not None:
-            with torch.no_grad():
-                z_t = masked_logits(teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
-        loss, _ = METHOD_LOSSES[method](outs, batch.labels, omega, z_t, d)
+        loss, _ = METHOD_LOSSES[method](outs, batch.labels, omega, teacher_logits(), d)
         loss.backward()
 
     measured, _ = count_flops(micro_step)
@@ -195,11 +199,16 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
         analytic += step_flops(Arch.from_hf_config(teacher.config), B, T, n_masked, backward=False)
     outer = None
     if method in ("dwml", "kd_dwml") and d.learn_omega:
-        gamma = t.lr if d.gamma < 0 else d.gamma
-        outer, _ = count_flops(
-            hypergradient, students, batch, batch, omega, alpha=d.alpha, temperature=d.temperature, gamma=gamma,
-            detach_targets=d.detach_targets, l2_kind=d.l2, mode=d.hypergrad,
-            forward=lambda m, ids, am, pos: m(ids, am, pos)[0])
+        # the configured unroll (the AdamW one from fresh optimizer states: the FLOPs do not depend on them)
+        from .train import make_optimizer
+
+        gamma = (t.lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
+        optimizers = [make_optimizer(s, t) for s in students]
+        outer, _ = count_flops(lambda: hypergradient(
+            students, batch, batch, omega, alpha=d.alpha, temperature=d.temperature, gamma=gamma,
+            detach_targets=d.detach_targets, l2_kind=d.l2, mode=d.hypergrad, unroll=d.unroll, optimizers=optimizers,
+            grad_clip=t.grad_clip, teacher_logits=teacher_logits(), teacher_weight=d.teacher_weight,
+            forward=lambda m, ids, am, pos: m(ids, am, pos)[0]))
     return {
         "micro_batch": int(B),
         "seq_len": int(T),

@@ -1,37 +1,63 @@
 """The outer (bi-level) step of deep weighted mutual learning: the peer weights omega.
 
-Paper (Iyer 2024, arXiv 2411.16487; WML, Zhang et al. 2022): the peers' parameters theta minimise L1(theta, omega)
-(eq. 2, `dwml.losses.dwml_loss`) on training batches, and omega minimises the ensemble loss L2 (`ensemble_loss`) of
-the trained peers on held-out data. The best response theta*(omega) is approximated by one unrolled SGD step
-(eq. 3):
+Paper (Iyer 2024, arXiv 2411.16487, ../shared/paper/when-babies-teach-babies.md; WML, Zhang et al. 2022): the peers'
+parameters theta minimise L1(theta, omega) (eq. 2, `dwml.losses.dwml_loss`) on training batches, and omega minimises
+the ensemble loss L2 (`ensemble_loss`) of the trained peers on held-out data. The best response theta*(omega) is
+approximated by one unrolled inner step theta'(omega) = U(theta, g(omega)) with g = grad_theta L1(theta, omega)
+(eq. 3 writes U as the SGD step theta - gamma g):
 
-    theta'(omega) = theta - gamma * grad_theta L1(theta, omega)
-    g_omega = dL2(theta', omega)/domega                                   (direct term)
-              - gamma * < grad_theta' L2(theta', omega), d^2 L1(theta, omega) / (dtheta domega) >   (mixed term)
+    g_omega = dL2(theta', omega)/domega                                          (direct term)
+              + < grad_theta' L2(theta', omega), dU/dg . d^2 L1/(dtheta domega) >    (mixed term)
 
 and omega takes a mirror-descent (exponentiated-gradient) step on the simplex (eq. 4):
 
     omega <- omega * exp(-eta * g_omega) / Z
 
 The paper's public code detaches the quantity it differentiates in the mixed term, so that term is identically
-zero; here it is exact. L1 is linear in omega (L1 = sum_k omega_k h_k, `dwml_coefficients`), hence
-d^2 L1/(dtheta domega_k) = grad_theta h_k and mixed_k = -gamma <v, grad_theta h_k> with v = grad_theta' L2.
+zero; here it is exact. L1 is linear in omega (L1 = sum_k omega_k h_k + c, `dwml_coefficients`; c = kd_dwml's
+teacher term, which does not depend on omega), hence d^2 L1/(dtheta domega_k) = grad_theta h_k and
+mixed_k = < u, grad_theta h_k > with u = (dU/dg)^T v, v = grad_theta' L2.
 With `detach_targets` the inner "gradient" is DML's semi-gradient (the teacher side of each KL held constant);
-theta' uses that same update, so the formula differentiates exactly the update the inner loop takes.
+theta' uses that same gradient, so the formula differentiates exactly the update the inner loop takes.
 
-Three exact ways to get the mixed term (`mode`), tested against each other and against finite differences.
-Measured cost of one outer step (CPU, `tiny` preset, held-out batch = train batch) in units of one inner DWML step:
-  "double_backward" (default): autograd through the create_graph gradient of L1 (reverse-over-reverse).
-      ~2.8 inner steps for M = 2, 3, 4 (independent of M).
-  "per_peer": the M gradients grad_theta h_k by first-order backprop (their omega-combination is the unrolled
-      step, so no separate gradient of L1 is needed), then M inner products with v. ~2.4 / 2.9 / 3.4-3.9 inner
-      steps for M = 2 / 3 / 4, but nothing second-order: use it when the attention kernel has no double backward
+The unrolled step U (`unroll`, config `distill.unroll`):
+  "adamw" (the config default): the step the inner optimizer (torch.optim.AdamW) actually takes next, from its
+      current state: per parameter, with the peer's current lr, decoupled weight decay wd of the parameter's group
+      (none on 1-D parameters, see `dwml.train.make_optimizer`), step count t+1 and bias corrections bc1, bc2:
+          m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2
+          theta' = theta (1 - lr wd) - (lr / bc1) m' / (sqrt(v') / sqrt(bc2) + eps)
+      Both moments are differentiated, the second one too: m' is linear in g, but v' is not, and holding v' constant
+      would leave out a term of the same order as the one kept: with r = sqrt(v'), D = r / sqrt(bc2) + eps and
+      a = m', the exact elementwise derivative is
+          dtheta'/dg = -(lr / bc1) [ (1 - b1) / D - a (1 - b2) g / (sqrt(bc2) r D^2) ]
+      (the second part is 0 where v' = 0: then v = m = g = 0 for that coordinate). The second part is what makes
+      Adam's step invariant to the gradient's scale: at the first step (m = v = 0) the step is lr * sign(g) up to
+      eps and the two parts cancel exactly, so holding v' constant would report a derivative where the real step
+      has none; it matters whenever g^2 is not small against v. `tests/test_hypergrad.py` compares every mode
+      against central finite differences of the real `optimizer.step()` in float64.
+  "sgd": theta' = theta - gamma g (the paper's eq. 3), gamma = `gamma` (the trainer passes the current lr).
+  "direct": theta' as for "adamw", the mixed term left out (an ablation: omega follows dL2/domega alone, in effect
+      what the public code does). Costs one first-order gradient of L1 instead of M.
+Gradient clipping: the real step clips each peer's gradient to norm `grad_clip` (torch's clip_grad_norm_,
+  g * min(1, c / (|g| + 1e-6))); U clips too and differentiates the clip exactly (its Jacobian
+  kappa (I - g g^T / (|g| (|g| + 1e-6))) when it is active, I otherwise), so a clipped step is not mistaken for an
+  unclipped one (an active clip removes the component of dg/domega along g). `grad_clip` = 0: no clip.
+
+Three exact ways to get the mixed term (`mode`), tested against each other and against finite differences; every
+mode supports every unroll. Measured cost of one outer step with the SGD unroll (CPU, `tiny` preset, held-out
+batch = train batch) in units of one inner DWML step:
+  "per_peer" (the config default): the M gradients grad_theta h_k by first-order backprop (their
+      omega-combination is the unrolled step's gradient), then M inner products with u. ~2.4 / 2.9 / 3.4-3.9 inner
+      steps for M = 2 / 3 / 4, and nothing second-order: works when the attention kernel has no double backward
       (e.g. attn_implementation="flash_attention_2").
-  "jvp": forward mode: <v, grad h_k> = d/de h_k(theta + e v), all k from one JVP; ~3.0-3.3 inner steps.
+  "double_backward": autograd through the create_graph gradient of L1 and through U itself (reverse-over-reverse;
+      it checks the closed-form dU/dg the other two modes use). ~2.8 inner steps for M = 2, 3, 4.
+  "jvp": forward mode: <u, grad h_k> = d/de h_k(theta + e u), all k from one JVP; ~3.0-3.3 inner steps.
+The AdamW unroll adds a few elementwise passes over the parameters.
 "double_backward" and "jvp" run under the math SDPA backend (the fused flash/efficient SDPA kernels have neither
-double-backward nor forward-mode formulas). The outer step runs in eval mode (no dropout: every forward it makes must see the same
-function for the derivative to be exact); the models' modes are restored and their parameters never modified
-(the unrolled parameters go through `torch.func.functional_call`).
+double-backward nor forward-mode formulas). The outer step runs in eval mode (no dropout: every forward it makes must
+see the same function for the derivative to be exact); the models' modes are restored and their parameters and the
+optimizers' states are never modified (the unrolled parameters go through `torch.func.functional_call`).
 """
 from __future__ import annotations
 
@@ -46,10 +72,11 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DwmlError, require
-from .losses import ENSEMBLE_KINDS, dwml_coefficients, ensemble_loss
+from .losses import ENSEMBLE_KINDS, dwml_coefficients, ensemble_loss, kl_div
 from .model import masked_logits
 
-MODES = ("double_backward", "per_peer", "jvp")
+MODES = ("per_peer", "double_backward", "jvp")
+UNROLLS = ("adamw", "sgd", "direct")
 ETA_SCHEDULES = ("constant", "inv_sqrt", "cosine")
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,6 +132,146 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (total_norm + 1e-6)
+
+
+@dataclass
+class _AdamWSlot:
+    """What one parameter tensor's next AdamW step depends on, besides its gradient."""
+
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    step: int  # the step count after the next step (t + 1)
+    exp_avg: torch.Tensor | None  # None: no state yet (zeros)
+    exp_avg_sq: torch.Tensor | None
+
+
+def _adamw_slots(optimizers: Sequence[torch.optim.Optimizer], params: Sequence[torch.Tensor],
+                 lr: float | None) -> list[_AdamWSlot]:
+    """Each parameter's AdamW hyper-parameters and state, looked up in the optimizers (which are not modified)."""
+    where: dict[int, tuple[torch.optim.Optimizer, dict]] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            decoupled = group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
+            require(decoupled and not group.get("amsgrad") and not group.get("maximize"),
+                    f"unroll adamw: expected torch.optim.AdamW without amsgrad/maximize, got {type(opt).__name__}")
+            for q in group["params"]:
+                where[id(q)] = (opt, group)
+    slots = []
+    for q in params:
+        require(id(q) in where, "unroll adamw: a trainable parameter of a peer is in none of the optimizers")
+        opt, group = where[id(q)]
+        state = opt.state.get(q, {})
+        step = state.get("step", 0)
+        b1, b2 = group["betas"]
+        slots.append(_AdamWSlot(
+            lr=float(group["lr"] if lr is None else lr), weight_decay=float(group["weight_decay"]),
+            beta1=float(b1), beta2=float(b2), eps=float(group["eps"]),
+            step=int(float(step)) + 1, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"),
+        ))
+    return slots
+
+
+class InnerStep:
+    """The unrolled inner update theta' = U(theta, g) (see the module docstring) and its vector-Jacobian product.
+
+    `apply` is written in differentiable torch ops (the "double_backward" mode differentiates it by autograd);
+    `vjp` is the closed form (dU/dg)^T v the other modes use. Gradients are flat lists over all peers' parameters;
+    `sizes` gives each peer's number of tensors (the gradient clip is per peer, as in the trainer).
+    """
+
+    def __init__(self, unroll: str, params: Sequence[torch.Tensor], sizes: Sequence[int], *, gamma: float | None,
+                 optimizers: Sequence[torch.optim.Optimizer] | None, grad_clip: float):
+        require(unroll in UNROLLS, f"unroll: expected one of {list(UNROLLS)}, got {unroll!r}")
+        require(float(grad_clip) >= 0.0, f"grad_clip: expected a non-negative number, got {grad_clip!r}")
+        self.unroll, self.params, self.sizes, self.grad_clip = unroll, list(params), list(sizes), float(grad_clip)
+        self.gamma = None if gamma is None else float(gamma)
+        if unroll == "sgd":
+            require(self.gamma is not None and self.gamma >= 0.0,
+                    f"gamma: the sgd unroll needs a non-negative step size, got {gamma!r}")
+            self.slots = None
+        else:
+            require(optimizers is not None, f"unroll {unroll}: needs the peers' AdamW optimizers")
+            require(self.gamma is None or self.gamma >= 0.0, f"gamma: expected a non-negative number, got {gamma!r}")
+            self.slots = _adamw_slots(optimizers, self.params, self.gamma)
+
+    # -- gradient clipping (per peer) --
+
+    def _clip_coefs(self, grads: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per peer (kappa, norm): the clipped gradient is kappa * g (kappa = 1 when the clip is inactive)."""
+        out = []
+        for peer in _split(grads, self.sizes):
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in peer]))
+            kappa = torch.clamp(self.grad_clip / (norm + CLIP_EPS), max=1.0) if self.grad_clip > 0 \
+                else torch.ones_like(norm)
+            out.append((kappa, norm))
+        return out
+
+    def _clip(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        coefs = self._clip_coefs(grads)
+        return [g * kappa for peer, (kappa, _) in zip(_split(grads, self.sizes), coefs) for g in peer]
+
+    # -- the step --
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """theta' (differentiable w.r.t. grads)."""
+        grads = self._clip(grads)
+        if self.slots is None:
+            return [p - self.gamma * g for p, g in zip(self.params, grads)]
+        out = []
+        for p, g, s in zip(self.params, grads, self.slots):
+            m = g * (1 - s.beta1) if s.exp_avg is None else s.exp_avg * s.beta1 + g * (1 - s.beta1)
+            v = g * g * (1 - s.beta2) if s.exp_avg_sq is None else s.exp_avg_sq * s.beta2 + g * g * (1 - s.beta2)
+            positive = v > 0  # sqrt has no derivative at 0: take it only where v' > 0 (elsewhere g = 0 and r = 0)
+            r = torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
+            bc1, bc2 = 1 - s.beta1**s.step, 1 - s.beta2**s.step
+            out.append(p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / (r / math.sqrt(bc2) + s.eps))
+        return out
+
+    def vjp(self, grads: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """u = (dtheta'/dg)^T v in closed form (grads and v detached)."""
+        coefs = self._clip_coefs(grads)
+        clipped = [g * kappa for peer, (kappa, _) in zip(_split(grads, self.sizes), coefs) for g in peer]
+        if self.slots is None:
+            w = [-self.gamma * x for x in v]
+        else:
+            w = []
+            for g, x, s in zip(clipped, v, self.slots):
+                m = g * (1 - s.beta1) if s.exp_avg is None else s.exp_avg * s.beta1 + g * (1 - s.beta1)
+                sq = g * g * (1 - s.beta2) if s.exp_avg_sq is None else s.exp_avg_sq * s.beta2 + g * g * (1 - s.beta2)
+                r = torch.sqrt(sq)
+                bc1, bc2 = 1 - s.beta1**s.step, 1 - s.beta2**s.step
+                denom = r / math.sqrt(bc2) + s.eps
+                # d r / d g = (1 - b2) g / r, taken as 0 where r = 0 (there g = m = 0, so the term vanishes anyway)
+                dr = torch.where(r > 0, (1 - s.beta2) * g / torch.where(r > 0, r, torch.ones_like(r)),
+                                 torch.zeros_like(r))
+                dphi = -(s.lr / bc1) * ((1 - s.beta1) / denom - m * dr / (math.sqrt(bc2) * denom * denom))
+                w.append(dphi * x)
+        if self.grad_clip <= 0:
+            return w
+        out = []
+        for peer_g, peer_w, (kappa, norm) in zip(_split(grads, self.sizes), _split(w, self.sizes), coefs):
+            if float(kappa) >= 1.0:  # inactive clip: identity
+                out.extend(peer_w)
+                continue
+            # J = kappa (I - g g^T / (|g| (|g| + eps))) is symmetric, so J^T w = kappa (w - g <g, w> / (...)).
+            c = _dot(peer_g, peer_w) / (norm * (norm + CLIP_EPS))
+            out.extend(kappa * (x - c * g) for g, x in zip(peer_g, peer_w))
+        return out
+
+
+def mixed_ratio(direct: torch.Tensor, mixed: torch.Tensor) -> float:
+    """|mixed - mean(mixed)| / |direct - mean(direct)|: the size of the mixed term in what mirror descent sees
+    (eq. 4 is invariant to adding a constant to g, so only the centred parts move omega). NaN if the centred
+    direct term is 0."""
+    d, m = direct - direct.mean(), mixed - mixed.mean()
+    den = float(torch.linalg.vector_norm(d))
+    return float(torch.linalg.vector_norm(m)) / den if den > 0 else float("nan")
+
+
 def hypergradient(
     models: Sequence[nn.Module],
     train_batch: MaskedBatchLike,
@@ -113,31 +280,43 @@ def hypergradient(
     *,
     alpha: float,
     temperature: float = 1.0,
-    gamma: float,
+    gamma: float | None = None,
+    unroll: str = "sgd",
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    grad_clip: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_weight: float = 0.0,
     detach_targets: bool = True,
     l2_kind: str = "ensemble",
-    mode: str = "double_backward",
+    mode: str = "per_peer",
     forward: Forward = masked_logits,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """g_omega of eq. (3) for the peers `models` at the current omega (M,); returns (g, info).
 
+    unroll "sgd" needs `gamma`; "adamw" and "direct" need `optimizers` (one AdamW per model, holding its trainable
+    parameters) and use each group's lr unless `gamma` is given. `teacher_logits` (N, V) on the train batch with
+    `teacher_weight` beta add kd_dwml's teacher term beta T^2 sum_i KL(teacher || p_i) to the unrolled L1.
     info (all detached): "direct" and "mixed" (M,) with g = direct + mixed, "l1" = L1(theta, omega) on the train
-    batch, "l2" = L2(theta', omega) on the held-out batch, "h" (M,) = dL1/domega.
+    batch, "l2" = L2(theta', omega) on the held-out batch, "h" (M,) = dL1/domega, "mixed_ratio" (`mixed_ratio`).
     """
     num_peers = len(models)
     require(num_peers >= 2, f"dwml: expected at least 2 peers, got {num_peers}")
     require(tuple(omega.shape) == (num_peers,), f"omega: expected shape ({num_peers},), got {tuple(omega.shape)}")
     require(mode in MODES, f"hypergrad.mode: expected one of {list(MODES)}, got {mode!r}")
     require(l2_kind in ENSEMBLE_KINDS, f"l2_kind: expected one of {list(ENSEMBLE_KINDS)}, got {l2_kind!r}")
-    require(float(gamma) >= 0.0, f"gamma: expected a non-negative number, got {gamma!r}")
+    require(float(teacher_weight) >= 0.0, f"teacher_weight: expected a non-negative number, got {teacher_weight!r}")
+    require(optimizers is None or len(optimizers) == num_peers,
+            f"optimizers: expected one per peer ({num_peers}), got {0 if optimizers is None else len(optimizers)}")
 
     named = [[(n, p) for n, p in m.named_parameters() if p.requires_grad] for m in models]
     names = [[n for n, _ in peer] for peer in named]
     sizes = [len(peer) for peer in named]
     params = [p for peer in named for _, p in peer]
+    step = InnerStep(unroll, params, sizes, gamma=gamma, optimizers=optimizers, grad_clip=grad_clip)
     calls = [_Call(m, forward) for m in models]
     train_in, held_in = _inputs(train_batch), _inputs(heldout_batch)
     omega = omega.detach()
+    use_teacher = teacher_logits is not None and float(teacher_weight) > 0.0
 
     def run(flat: Sequence[torch.Tensor], inputs: tuple) -> list[torch.Tensor]:
         """Every peer's logits with its parameters replaced by `flat` (the real models are untouched)."""
@@ -149,48 +328,69 @@ def hypergradient(
     def coefficients(logits_list: list[torch.Tensor]) -> torch.Tensor:
         return dwml_coefficients(logits_list, train_batch.labels, alpha, temperature, detach_targets)[0]
 
+    def teacher_term(logits_list: list[torch.Tensor]) -> torch.Tensor:
+        """kd_dwml's beta T^2 sum_i KL(teacher || p_i): part of the inner gradient, independent of omega."""
+        target = teacher_logits.detach()
+        return teacher_weight * temperature**2 * sum(kl_div(target, z, temperature) for z in logits_list)
+
     def outer_loss(theta_prime: Sequence[torch.Tensor], w2: torch.Tensor) -> torch.Tensor:
         return ensemble_loss(run(theta_prime, held_in), heldout_batch.labels, w2, kind=l2_kind)
 
     # The L2 partial w.r.t. omega uses its own leaf w2 so that it excludes the path through theta'.
     w2 = omega.clone().requires_grad_(True)
-    kernel = contextlib.nullcontext() if mode == "per_peer" else sdpa_kernel([SDPBackend.MATH])
+    second_order = mode != "per_peer" and unroll != "direct"
+    kernel = sdpa_kernel([SDPBackend.MATH]) if second_order else contextlib.nullcontext()
     with _eval_mode(models), kernel, torch.enable_grad():
-        if mode == "double_backward":
+        if mode == "double_backward" and unroll != "direct":
             w1 = omega.clone().requires_grad_(True)
-            h = coefficients([forward(m, *train_in) for m in models])
-            l1 = (w1.to(h.dtype) * h).sum()
+            logits = [forward(m, *train_in) for m in models]
+            h = coefficients(logits)
+            l1 = (w1.to(h.dtype) * h).sum() + (teacher_term(logits) if use_teacher else 0.0)
             grads = torch.autograd.grad(l1, params, create_graph=True, materialize_grads=True)
-            theta_prime = [p - gamma * g for p, g in zip(params, grads)]
+            theta_prime = step.apply(grads)
             l2 = outer_loss(theta_prime, w2)
             direct, *v = torch.autograd.grad(l2, [w2, *theta_prime], retain_graph=True, materialize_grads=True)
-            # d theta'/d omega contracted with v: exactly -gamma <v, d^2 L1/(dtheta domega)>.
+            # d theta'/d omega contracted with v: exactly <v, dU/dg . d^2 L1/(dtheta domega)>.
             (mixed,) = torch.autograd.grad(theta_prime, w1, grad_outputs=v, materialize_grads=True)
         else:
-            h = coefficients([forward(m, *train_in) for m in models])
+            logits = [forward(m, *train_in) for m in models]
+            h = coefficients(logits)
             w = omega.to(h.dtype)
-            l1 = (w * h).sum()
-            if mode == "per_peer":
-                # grad_theta h_k for every k; the inner step's gradient is their omega-combination (L1 is linear).
+            c = teacher_term(logits) if use_teacher else None
+            l1 = (w * h).sum() + (c if c is not None else 0.0)
+            if mode == "per_peer" and unroll != "direct":
+                # grad_theta h_k for every k; the inner step's gradient is their omega-combination (L1 is linear),
+                # plus the teacher term's gradient.
                 grad_h = [
-                    torch.autograd.grad(h[k], params, retain_graph=k + 1 < num_peers, materialize_grads=True)
+                    torch.autograd.grad(h[k], params, retain_graph=k + 1 < num_peers or c is not None,
+                                        materialize_grads=True)
                     for k in range(num_peers)
                 ]
                 grads = [sum(w[k] * grad_h[k][i] for k in range(num_peers)) for i in range(len(params))]
+                if c is not None:
+                    grads = [g + gc for g, gc in
+                             zip(grads, torch.autograd.grad(c, params, materialize_grads=True))]
             else:
                 grads = torch.autograd.grad(l1, params, materialize_grads=True)
-            theta_prime = [(p - gamma * g).detach().requires_grad_(True) for p, g in zip(params, grads)]
+            grads = [g.detach() for g in grads]
+            with torch.no_grad():
+                theta_prime = [t.requires_grad_(True) for t in step.apply(grads)]
             l2 = outer_loss(theta_prime, w2)
-            direct, *v = torch.autograd.grad(l2, [w2, *theta_prime], materialize_grads=True)
-            if mode == "per_peer":
-                mixed = -gamma * torch.stack([_dot(v, grad_h[k]) for k in range(num_peers)])
+            if unroll == "direct":
+                (direct,) = torch.autograd.grad(l2, [w2])
+                mixed = torch.zeros_like(direct)
             else:
-                primals = tuple(p.detach() for p in params)
-                _, dh = jvp(lambda *flat: coefficients(run(flat, train_in)), primals, tuple(v))
-                mixed = -gamma * dh
+                direct, *v = torch.autograd.grad(l2, [w2, *theta_prime], materialize_grads=True)
+                u = step.vjp(grads, [x.detach() for x in v])
+                if mode == "per_peer":
+                    mixed = torch.stack([_dot(u, grad_h[k]) for k in range(num_peers)])
+                else:
+                    primals = tuple(p.detach() for p in params)
+                    _, mixed = jvp(lambda *flat: coefficients(run(flat, train_in)), primals, tuple(u))
     direct = direct.detach().to(omega.dtype)
     mixed = mixed.detach().to(omega.dtype)
-    info = {"direct": direct, "mixed": mixed, "l1": l1.detach(), "l2": l2.detach(), "h": h.detach()}
+    info = {"direct": direct, "mixed": mixed, "l1": l1.detach(), "l2": l2.detach(), "h": h.detach(),
+            "mixed_ratio": mixed_ratio(direct, mixed)}
     return direct + mixed, info
 
 

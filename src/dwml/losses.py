@@ -19,10 +19,14 @@ simplex and mixing weight alpha:
                        + alpha * T^2 * sum_i sum_{j != i} omega_j KL(p_j^T || p_i^T)
 
 Peer i is pulled towards each other peer j in proportion to j's weight, so a peer the outer loop trusts more teaches
-more. The paper text was not available to us; this is the weighting of the paper's public code (`wml_loss`: CE of
-peer i weighted by weights[i], `kl_div(log p_i, log p_j)` = KL(p_j || p_i) weighted by weights[j]) and of the WML paper
-it builds on (Zhang et al. 2022). With omega_i = 1/M (and alpha = 1/M) it reduces to DML (Zhang et al. 2018, eq. 2),
-up to a constant factor; see `tests/test_losses.py::test_dml_special_case`.
+more. The paper (../shared/paper/when-babies-teach-babies.md, eq. 2) writes the term as
+alpha sum_i sum_j omega_j KL(z_i, z_j) and says omega_j is "the importance of every other student model except the
+i-th one"; it leaves the KL's argument order and the temperature implicit. We read KL(z_i, z_j) as the divergence
+of student i from teacher j, KL(p_j || p_i) (j = i adds 0), which is also the weighting of the paper's public code
+(`wml_loss`: CE of peer i weighted by weights[i], `kl_div(log p_i, log p_j)` = KL(p_j || p_i) weighted by
+weights[j]) and of the WML paper it builds on (Zhang et al. 2022); the T^2 factor is Hinton's (T = 1 reproduces the
+paper's formula exactly). With omega_i = 1/M (and alpha = 1/M) it reduces to DML (Zhang et al. 2018, eq. 2), up to a
+constant factor; see `tests/test_losses.py::test_dml_special_case`.
 
 L1 is linear in omega: L1 = sum_k omega_k h_k(theta) with h_k = dL1/domega_k (`dwml_coefficients`). The hypergradient
 (`dwml.hypergrad`, eq. 3) relies on exactly this structure.
@@ -249,8 +253,9 @@ def kd_dwml_loss(
 
     The teacher enters like one more peer in eq. (2)'s sum over j, with a fixed weight beta instead of a learned
     omega_j: in eq. (2) a student's KL is weighted by its teacher's importance, so every peer gets the same beta.
-    The term does not depend on omega, so dL/domega (and the hypergradient's mixed term) is that of L1 alone, and
-    beta = 0 gives exactly `dwml_loss`. The teacher's logits are detached. parts adds "teacher_kl" (M,).
+    The term does not depend on omega, so dL/domega_k is that of L1 alone and beta = 0 gives exactly `dwml_loss`;
+    it does move the inner step, so the outer step's unroll includes it (`dwml.hypergrad.hypergradient`'s
+    `teacher_logits`): with the AdamW unroll also its derivative, since that step is not linear in the gradient. The teacher's logits are detached. parts adds "teacher_kl" (M,).
     """
     require(float(beta) >= 0.0, f"beta: expected a non-negative number, got {beta!r}")
     total, parts = dwml_loss(logits_list, labels, omega, alpha, temperature, detach_targets)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from .errors import DwmlError
-from .io import atomic_dir, write_json, write_text
+from .io import atomic_dir, check_output_dir, write_json, write_text
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
 from .tokenizer import DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer
 
@@ -65,8 +65,12 @@ def prepare(
     dtype: str | None = None,
     model_max_length: int = DEFAULT_MAX_LENGTH,
     errors: str = "strict",
+    overwrite: bool = False,
 ) -> dict:
-    """Read + clean -> split -> train the tokenizer on train only -> shards, text, meta.json. Returns meta.json."""
+    """Read + clean -> split -> train the tokenizer on train only -> shards, text, meta.json. Returns meta.json.
+
+    `out_dir` must be new, empty or a previous `dwml prepare` output (else `overwrite`), and never an input or
+    inside one (see `io.check_output_dir`)."""
     t_start = time.perf_counter()
     check_vocab_size(vocab_size)
     dtype_for_vocab(vocab_size, dtype)  # fail before any work if a forced dtype cannot hold the vocabulary
@@ -74,6 +78,7 @@ def prepare(
         inputs = [inputs]
     if not inputs:
         raise DwmlError("inputs: expected at least one corpus file or directory")
+    check_output_dir(out_dir, "prepare", inputs=inputs, overwrite=overwrite)
     files, skipped = discover_files(inputs)
     docs = read_corpus(files, errors=errors, max_docs=max_docs)
     train, valid = split_documents(docs, valid_fraction=valid_fraction, seed=seed)
@@ -86,7 +91,7 @@ def prepare(
 
     out_dir = Path(out_dir)
     splits: dict[str, dict] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, command="prepare") as tmp:
         save_tokenizer(tok, tmp / "tokenizer", model_max_length=model_max_length)
         for name, split_docs in zip(SPLITS, (train, valid)):
             write_text(tmp / f"{name}.txt", "".join(d.text + "\n" for d in split_docs))
@@ -162,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         model_max_length=args.max_length,
         errors="replace" if args.on_bad_utf8 == "replace" else "strict",
+        overwrite=args.overwrite,
     )
     print(format_summary(meta))
     print(f"wrote {Path(args.out)}")
@@ -176,7 +182,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="corpus files or directories (default: ../shared/data/corpus)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="output directory (replaced atomically; must be new, empty or an earlier prepare output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing directory that dwml prepare did not write")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--valid-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)

@@ -3,11 +3,14 @@ tables, and matplotlib figures written atomically.
 
 What is reported (paper: Iyer 2024, "When Babies Teach Babies", arXiv 2411.16487):
 - Table 1: per run, its best peer and (multi-peer runs) the omega-weighted ensemble; Table 2: every peer.
-  Columns: zero-shot macro accuracy per task (BLiMP filtered, supplement, EWoK, or their fast subsets), their mean,
-  GLUE average (and per task) when fine-tuning ran, validation loss, parameters, omega.
+  Columns: zero-shot macro accuracy per task (BLiMP filtered, supplement, EWoK, or their fast subsets; a tie counts
+  correct, as in BabyLM's pipeline), their mean, the mean with ties counted wrong ("strict") and the tie count, GLUE
+  average (and per task) when fine-tuning ran, validation loss, parameters, omega.
   The best peer of a run is the one with the highest mean zero-shot accuracy (ties and runs without zero-shot
   evaluation: the lowest validation loss); it is marked with a star.
-- Figure 3: omega of every peer over the outer steps of each learned-omega run (from metrics.jsonl).
+- Figure 3: omega of every peer over the outer steps of each learned-omega run (from metrics.jsonl), and Table 3:
+  per learned-omega run, its unroll (`distill.unroll`) and the median over its outer steps of the centred
+  |mixed| / |direct| ratio of the hypergradient (how much the exact mixed term of eq. 3 moves omega).
 - Figure 2: the metric against each sweep axis (number of peers, alpha, fixed vs learned omega, ...), against the
   number of parameters, and against the final omega, with Pearson's R.
 - Table 9: wall time, mean GPU utilisation (n/a without a GPU / pynvml), analytic and measured training FLOPs.
@@ -44,6 +47,7 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
     """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
 
     Row: {"name", "arch", "params", "omega", "valid_loss", "zero_shot": {task: %}, "zero_shot_mean",
+          "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean", "zero_shot_ties",
           "glue": {task: score}, "glue_avg"}; missing numbers are None.
     """
     scored = (evaluation or {}).get("models", {})
@@ -52,7 +56,8 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
     peers = summary["peers"]
     for i, p in enumerate(peers):
         a = p.get("arch", {})
-        arch = f"L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
+        family = "MB-" if a.get("family") == "modernbert" else ""  # as dwml.model.Arch.name
+        arch = f"{family}L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
         rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
     if len(peers) > 1:
         rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,
@@ -62,11 +67,15 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
 
 def _row(name: str, arch: str, params: int, omega: float | None, valid_loss: float | None, scored: dict,
          tuned: dict) -> dict:
-    zero_shot = dict(scored.get(name, {}).get("summary", {}))
+    model = scored.get(name, {})
+    zero_shot = dict(model.get("summary", {}))
+    strict = dict(model.get("strict_summary", {}))
     ft = tuned.get(name)
     glue = {t: r["score"] for t, r in ft["tasks"].items()} if ft else {}
     return {"name": name, "arch": arch, "params": params, "omega": omega, "valid_loss": valid_loss,
             "zero_shot": zero_shot, "zero_shot_mean": _mean(zero_shot.values()),
+            "zero_shot_strict": strict, "zero_shot_strict_mean": _mean(strict.values()),
+            "zero_shot_ties": sum(model["ties"].values()) if "ties" in model else None,
             "glue": glue, "glue_avg": ft["average"] if ft else None}
 
 
@@ -218,7 +227,8 @@ def _glue_tasks(results: dict) -> list[str]:
 def _score_cells(row: dict, tasks: list[str], glue_tasks: list[str]) -> list[str]:
     cells = [fmt(row["zero_shot"].get(t)) for t in tasks]
     if tasks:
-        cells.append(fmt(row["zero_shot_mean"]))
+        cells += [fmt(row["zero_shot_mean"]), fmt(row.get("zero_shot_strict_mean")),
+                  fmt(row.get("zero_shot_ties"), "d")]
     if glue_tasks:
         cells.append(fmt(row["glue_avg"], ".3f"))
     return cells
@@ -227,7 +237,7 @@ def _score_cells(row: dict, tasks: list[str], glue_tasks: list[str]) -> list[str
 def _score_header(results: dict, tasks: list[str], glue_tasks: list[str]) -> list[str]:
     head = [TASK_LABELS.get(t, t) for t in tasks]
     if tasks:
-        head.append("Zero-shot mean")
+        head += ["Zero-shot mean", "Strict mean", "Ties"]
     if glue_tasks:
         head.append("GLUE avg")
     return head
@@ -272,6 +282,18 @@ def sweep_table(results: dict) -> str:
                 rows.append([base, axis, _fmt_value(p["value"]), p["run"], fmt(p["best"], ".2f"),
                              fmt(p["ensemble"], ".2f")])
     return md_table(["Base run", "Axis", "Value", "Run", f"Best peer: {label}", "Ensemble"], rows) if rows else ""
+
+
+def outer_table(results: dict) -> str:
+    """Table 3: the outer step of each learned-omega run: unroll, outer steps, median centred |mixed| / |direct|."""
+    rows = []
+    for run in done_runs(results):
+        traj = run.get("omega_trajectory") or {}
+        if not run.get("omega_learned") or not traj.get("outer_step"):
+            continue
+        rows.append([run["name"], run["method"], run.get("unroll") or "n/a", str(len(traj["outer_step"]) - 1),
+                     fmt(run.get("mixed_ratio_median"), ".3g")])
+    return md_table(["Run", "Method", "Unroll", "Outer steps", "Median mixed / direct"], rows) if rows else ""
 
 
 def _fmt_value(v: Any) -> str:
@@ -376,7 +398,9 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     if ev:
         out.append(f"Zero-shot: {', '.join(ev['tasks'])}, scoring {ev['method']}, "
                    + (f"first {ev['limit']} pairs of every file" if ev.get("limit") else "all pairs")
-                   + "; macro accuracy over groups (%), ties count wrong.")
+                   + f"; precision {ev.get('precision', 'fp32')}, EWoK pairing {ev.get('ewok_pairing', 'contexts')}"
+                   + "; macro accuracy over groups (%); a tie counts correct, as in BabyLM's pipeline (Strict mean: "
+                   "ties wrong; Ties: tied pairs over all tasks).")
     if ft:
         out.append(f"GLUE: fine-tuned {ft['models']} peer(s) on {', '.join(ft['tasks'])}, {ft['epochs']} epoch(s), "
                    f"at most {ft['max_train_examples'] or 'all'} train / {ft['max_eval_examples'] or 'all'} eval "
@@ -385,6 +409,14 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     out += ["", "## Figure 3: ω over the outer steps", ""]
     out.append(f"![omega trajectories]({figures['omega']})" if "omega" in figures else
                "No learned-ω run with outer steps.")
+    table = outer_table(results)
+    if table:
+        out += ["", "## Table 3: the outer step", "",
+                "Per outer step, the hypergradient g = direct + mixed (eq. 3); both are centred (their mean over the "
+                "peers subtracted: mirror descent ignores a constant shift) and the ratio of their norms, "
+                "‖mixed‖ / ‖direct‖, logged; the table gives its median over the run's outer steps. "
+                "Unroll: the inner step differentiated (adamw = the optimizer's real step, sgd = eq. 3's "
+                "θ − γ∇L1, direct = adamw's θ' without the mixed term, ratio 0).", "", table]
     out += ["", "## Figure 2: ablations, size and ω vs accuracy", ""]
     if "ablations" in figures:
         out.append(f"![ablations]({figures['ablations']})")

@@ -3,13 +3,16 @@
 Given a reference ("teacher") architecture with N parameters and p peers, peer i = 1..p gets the architecture whose
 exact parameter count is closest to N_i = N / (i + 1), i.e. N/2, N/3, ..., N/(p+1).
 
-Search space (discrete; every point is a valid RoBERTa):
+Search space (discrete; every point is a valid model of the searched family, `family`: RoBERTa by default, or
+ModernBERT with `--family modernbert`):
     layers     in [layers[0], layers[1]]
     heads      in [heads[0], heads[1]]
     head_dim   in head_dim[0], head_dim[0] + head_dim_step, ..., <= head_dim[1]
     hidden       = heads * head_dim                      (so hidden % heads == 0 holds by construction)
     intermediate = round(intermediate_ratio * hidden)    (default 4x as in BERT/RoBERTa; a fixed 3072 would make
-                                                          the FFN dominate small models and hidden barely matter)
+                                                          the FFN dominate small models and hidden barely matter.
+                                                          ModernBERT's default is 8/3: its GeGLU FFN has 3 H I
+                                                          weights, so 8H/3 costs what RoBERTa's 4H FFN costs)
 We parametrise hidden through the per-head width rather than searching hidden and rejecting `hidden % heads != 0`:
 the modulo constraint is a jagged, mostly-infeasible landscape that a GP (or bayes_opt's GP constraint model)
 cannot learn, while heads * head_dim is smooth in both inputs and no evaluation is wasted on an invalid shape. The
@@ -19,7 +22,7 @@ defaults (layers 1..24, heads 1..16, head_dim 16..128 step 16: 3,072 points) con
 Objective, maximised by bayes_opt over the integer parameters (layers, heads, head_dim_index) - `(lo, hi, int)`
 bounds in its v3 API:
     J(a) = -|log(params(a) / N_i)| + diversity_weight * min(cap, min_j |log(r(a) / r(a_j))|)
-params(a) = `model.count_params(a)`, the exact closed form of `RobertaForMaskedLM.num_parameters()` (no model is
+params(a) = `model.count_params(a)`, the exact closed form of the family's `num_parameters()` (no model is
 built, so an evaluation costs microseconds); r = hidden / layers is the width/depth ratio and a_j are the
 architectures of peers 1..i-1. The log error is scale-free (a 1% miss costs the same for a 60M and a 1M target)
 and keeps the GP's targets O(1) even where a candidate is 50x too big.
@@ -30,11 +33,15 @@ parameter count, so a heads-only variant of an earlier peer would be the same mo
 Verification: `exhaustive_best` maximises the same J over the whole space with numpy (under a millisecond), and
 every peer reports BO's raw result next to that optimum; no refinement step hides BO's gap.
 
+The reference (N) keeps its own family: a preset is taken in the searched family (the ModernBERT presets have
+the RoBERTa presets' parameter counts within 0.3%), a file or model directory says its family (HF `model_type`).
+So `--reference base --family modernbert` finds ModernBERT peers for RoBERTa-base's budgets.
+
 Output JSON (`load_peer_archs` reads it back, i.e. `dwml train --peers-file` / `model.peers_file`):
-    {"reference": {"name", layers, heads, hidden, intermediate, vocab_size, max_positions, "params"},
-     "config": {the SearchConfig fields},
+    {"reference": {"name", layers, heads, hidden, intermediate, vocab_size, max_positions, family, "params"},
+     "config": {the SearchConfig fields, as given}, "family": the peers' family, "intermediate_ratio": as used,
      "peers": [{"peer": i, "target": N_i, "params": int, "rel_error": float,
-                "arch": {layers, heads, hidden, intermediate, vocab_size, max_positions},
+                "arch": {layers, heads, hidden, intermediate, vocab_size, max_positions, family},
                 "bo_evaluations": int, "exhaustive_params": int, "exhaustive_arch": {...},
                 "exhaustive_rel_error": float, "gap_to_exhaustive": float}, ...],
      "space_size": int, "exhaustive_time_s": float, "wall_time_s": float}
@@ -60,8 +67,8 @@ import numpy as np
 
 from .config import from_dict, read_toml
 from .errors import DwmlError
-from .io import write_json
-from .model import PRESETS, Arch, count_params
+from .io import check_output_file, write_json
+from .model import FAMILIES, PRESETS, Arch, count_params, get_preset
 
 # An architecture already chosen by an earlier peer costs this much objective (a factor e in size): enough that BO
 # moves away, small enough that the GP's normalised targets are not dominated by a few spikes.
@@ -74,6 +81,8 @@ DIVERSITY_CAP = math.log(4.0)
 # (up to 3.5%); kappa 1.0 on 1, kappa 0.5 on none (worst gap 0.53% over base, mini and tiny, 6 seeds each), while
 # kappa 0.25 starts to get stuck (3.4% on a tiny peer).
 UCB_KAPPA = 0.5
+# intermediate = ratio * hidden when search.intermediate_ratio is 0: the FFN widths of equal weight count.
+FAMILY_INTERMEDIATE_RATIO = {"roberta": 4.0, "modernbert": 8.0 / 3.0}
 # Restarts of the GP's marginal-likelihood optimiser at each iteration (bayes_opt's default, kept). An anisotropic
 # Matern kernel was slightly more accurate in the same test but 3x slower, so we keep the library's isotropic one.
 GP_RESTARTS = 5
@@ -88,7 +97,8 @@ class SearchConfig:
     init_points: int = 10  # random initial evaluations per peer (paper: 10)
     n_iter: int = 100  # Bayesian-optimisation iterations per peer (paper: 100)
     seed: int = 0
-    intermediate_ratio: float = 4.0  # intermediate = round(ratio * hidden)
+    family: str = ""  # model family of the peers: roberta | modernbert; "" = the reference's family
+    intermediate_ratio: float = 0.0  # intermediate = round(ratio * hidden); 0 = the family's (4, ModernBERT 8/3)
     layers: list = field(default_factory=lambda: [1, 24])
     heads: list = field(default_factory=lambda: [1, 16])
     head_dim: list = field(default_factory=lambda: [16, 128])  # per-head width; hidden = heads * head_dim
@@ -110,8 +120,11 @@ class SearchConfig:
               f"init_points: expected an integer >= 1, got {self.init_points!r}")
         check(is_int(self.n_iter) and self.n_iter >= 0, f"n_iter: expected an integer >= 0, got {self.n_iter!r}")
         check(is_int(self.seed) and self.seed >= 0, f"seed: expected an integer >= 0, got {self.seed!r}")
-        check(isinstance(self.intermediate_ratio, (int, float)) and self.intermediate_ratio > 0,
-              f"intermediate_ratio: expected a number > 0, got {self.intermediate_ratio!r}")
+        check(isinstance(self.intermediate_ratio, (int, float)) and not isinstance(self.intermediate_ratio, bool)
+              and self.intermediate_ratio >= 0,
+              f"intermediate_ratio: expected a number > 0 (or 0 = the family's), got {self.intermediate_ratio!r}")
+        check(self.family == "" or self.family in FAMILIES,
+              f"family: unknown model family {self.family!r}; expected one of {list(FAMILIES)} (or \"\")")
         for name in ("layers", "heads", "head_dim"):
             b = getattr(self, name)
             check(isinstance(b, (list, tuple)) and len(b) == 2 and all(is_int(v) for v in b),
@@ -139,11 +152,11 @@ def load_search_config(path: str | Path) -> SearchConfig:
 # Reference architecture
 
 
-def resolve_reference(spec: str) -> Arch:
-    """A preset name, a JSON/TOML file with an architecture (top level or an `arch` table; a Hugging Face
-    config.json works too), or a Hugging Face model directory holding config.json."""
+def resolve_reference(spec: str, family: str = "") -> Arch:
+    """A preset name (in `family`, default RoBERTa), a JSON/TOML file with an architecture (top level or an `arch`
+    table; a Hugging Face config.json works too), or a Hugging Face model directory holding config.json."""
     if spec in PRESETS:
-        return PRESETS[spec]
+        return get_preset(spec, family or "roberta")
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -169,7 +182,11 @@ def resolve_reference(spec: str) -> Arch:
         missing = sorted(v for v in hf_keys.values() if v not in data)
         if missing:
             raise DwmlError(f"{path}: Hugging Face config lacks {missing}")
-        return Arch.from_dict({k: data[v] for k, v in hf_keys.items()}, str(path))
+        family = data.get("model_type", "roberta")
+        if family not in FAMILIES:
+            raise DwmlError(f"{path}: model_type {family!r} is not a dwml model family; expected one of "
+                            f"{list(FAMILIES)}")
+        return Arch.from_dict({"family": family, **{k: data[v] for k, v in hf_keys.items()}}, str(path))
     return Arch.from_dict(data, str(path))
 
 
@@ -190,6 +207,7 @@ class Space:
     vocab_size: int
     max_positions: int
     intermediate_ratio: float
+    family: str = "roberta"
 
     def __len__(self) -> int:
         return len(self.params)
@@ -198,12 +216,12 @@ class Space:
         hidden = heads * head_dim
         return Arch(layers=int(layers), heads=int(heads), hidden=int(hidden),
                     intermediate=intermediate_size(hidden, self.intermediate_ratio),
-                    vocab_size=self.vocab_size, max_positions=self.max_positions)
+                    vocab_size=self.vocab_size, max_positions=self.max_positions, family=self.family)
 
     def arch_at(self, k: int) -> Arch:
         return Arch(layers=int(self.layers[k]), heads=int(self.heads[k]), hidden=int(self.hidden[k]),
                     intermediate=int(self.intermediate[k]), vocab_size=self.vocab_size,
-                    max_positions=self.max_positions)
+                    max_positions=self.max_positions, family=self.family)
 
 
 def intermediate_size(hidden: Any, ratio: float) -> Any:
@@ -212,19 +230,21 @@ def intermediate_size(hidden: Any, ratio: float) -> Any:
     return int(out) if out.ndim == 0 else out
 
 
-def build_space(cfg: SearchConfig, vocab_size: int, max_positions: int) -> Space:
+def build_space(cfg: SearchConfig, vocab_size: int, max_positions: int, family: str = "roberta") -> Space:
+    """The whole grid of `family` shapes; `cfg.intermediate_ratio` 0 = the family's (FAMILY_INTERMEDIATE_RATIO)."""
+    ratio = float(cfg.intermediate_ratio or FAMILY_INTERMEDIATE_RATIO[family])
     layer_values = np.arange(cfg.layers[0], cfg.layers[1] + 1, dtype=np.int64)
     head_values = np.arange(cfg.heads[0], cfg.heads[1] + 1, dtype=np.int64)
     head_dim_values = np.arange(cfg.head_dim[0], cfg.head_dim[1] + 1, cfg.head_dim_step, dtype=np.int64)
     L, A, D = (g.ravel() for g in np.meshgrid(layer_values, head_values, head_dim_values, indexing="ij"))
     hidden = A * D
-    inter = intermediate_size(hidden, cfg.intermediate_ratio)
+    inter = intermediate_size(hidden, ratio)
     # count_params is plain arithmetic on the Arch fields, so it evaluates the whole grid at once on numpy arrays:
     # one formula, shared with the scalar objective (no second copy to drift out of sync).
     grid = types.SimpleNamespace(layers=L, heads=A, hidden=hidden, intermediate=inter,
-                                 vocab_size=vocab_size, max_positions=max_positions)
+                                 vocab_size=vocab_size, max_positions=max_positions, family=family)
     return Space(head_dim_values, L, A, hidden, inter, count_params(grid),  # type: ignore[arg-type]
-                 vocab_size, max_positions, float(cfg.intermediate_ratio))
+                 vocab_size, max_positions, ratio, family)
 
 
 def objective(params: Any, hidden: Any, layers: Any, target: int, earlier: list[Arch], diversity_weight: float) -> Any:
@@ -356,10 +376,11 @@ def search(cfg: SearchConfig, reference: Arch | None = None) -> dict[str, Any]:
     cfg.validate()
     t0 = time.perf_counter()
     ref_name = cfg.reference if reference is None else "custom"
-    ref = resolve_reference(cfg.reference) if reference is None else reference
+    ref = resolve_reference(cfg.reference, cfg.family) if reference is None else reference
     ref = ref.replace(vocab_size=cfg.vocab_size or ref.vocab_size, max_positions=cfg.max_positions or ref.max_positions)
     n_ref = count_params(ref)
-    space = build_space(cfg, ref.vocab_size, ref.max_positions)
+    family = cfg.family or ref.family
+    space = build_space(cfg, ref.vocab_size, ref.max_positions, family)
     n_shapes = len(np.unique(np.stack([space.layers, space.hidden]), axis=1).T)
     if n_shapes < cfg.peers:
         raise DwmlError(f"search: only {n_shapes} distinct (layers, hidden) shapes in the search space for "
@@ -405,6 +426,8 @@ def search(cfg: SearchConfig, reference: Arch | None = None) -> dict[str, Any]:
     return {
         "reference": {"name": ref_name, **ref.to_dict(), "params": n_ref},
         "config": config,
+        "family": family,
+        "intermediate_ratio": space.intermediate_ratio,
         "peers": peers,
         "space_size": len(space),
         "exhaustive_time_s": round(exhaustive_s, 4),
@@ -425,8 +448,9 @@ def format_table(result: Mapping[str, Any]) -> str:
                      f"{100 * p['gap_to_exhaustive']:.3f}%"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = [
-        f"reference {ref['name']}: L{ref['layers']} A{ref['heads']} H{ref['hidden']} I{ref['intermediate']} "
-        f"vocab {ref['vocab_size']} positions {ref['max_positions']} -> {ref['params']:,} params",
+        f"reference {ref['name']} ({ref.get('family', 'roberta')}): L{ref['layers']} A{ref['heads']} H{ref['hidden']} "
+        f"I{ref['intermediate']} vocab {ref['vocab_size']} positions {ref['max_positions']} -> {ref['params']:,} "
+        f"params; peers: {result.get('family', 'roberta')}",
     ]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     c = result["config"]
@@ -488,7 +512,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--vocab-size", type=int, help="vocabulary size of the reference and the peers")
     p.add_argument("--max-positions", type=int, help="position embeddings of the reference and the peers")
-    p.add_argument("--intermediate-ratio", type=float, help="intermediate = ratio * hidden (default: 4)")
+    p.add_argument("--family", choices=FAMILIES,
+                   help="model family of the peers (default: the reference's; presets are RoBERTa)")
+    p.add_argument("--intermediate-ratio", type=float,
+                   help="intermediate = ratio * hidden (default: 4 for RoBERTa, 8/3 for ModernBERT's GeGLU)")
     p.add_argument("--layers", type=int, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--heads", type=int, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--head-dim", type=int, nargs=2, metavar=("LO", "HI"))
@@ -499,6 +526,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_search_cli(args) -> int:
+    check_output_file(args.out)  # before the search: a directory or a foreign file at --out is refused now
     cfg = load_search_config(args.config) if args.config else SearchConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)
                  if getattr(args, f.name, None) is not None}

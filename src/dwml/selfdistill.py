@@ -11,7 +11,10 @@ targets only train the shallow heads; the final head is not pulled towards them)
 
 The heads live in a separate `SelfDistillHeads` module: the model itself (and what gets exported with
 `save_pretrained`) is the unchanged `RobertaForMaskedLM`, and its final logits do not depend on the heads.
-Each head is a RobertaLMHead (dense -> gelu -> LayerNorm -> vocabulary projection + bias). By default the
+Each head is a RobertaLMHead (dense -> gelu -> LayerNorm -> vocabulary projection + bias). On a pre-norm
+ModernBERT the shallow hidden states are the raw residual stream (the model normalises only after its last layer,
+`final_norm`), so there each head first applies its own LayerNorm, and its layers have no biases but the output
+bias, like ModernBERT's own head. By default the
 projection reuses the model's input word embeddings, like the model's own tied LM head: an untied V x H matrix
 would add a whole embedding table per head (V >> H in small MLMs), and the shared table also receives the
 auxiliary gradients. The embedding weight is passed in at call time instead of being registered, so the heads'
@@ -35,23 +38,28 @@ from .model import masked_logits
 
 
 class AuxLMHead(nn.Module):
-    """A RobertaLMHead whose vocabulary projection may be the (shared) word-embedding matrix passed at call time."""
+    """A RobertaLMHead whose vocabulary projection may be the (shared) word-embedding matrix passed at call time;
+    for a ModernBERT config, a bias-free ModernBERT-style head behind its own LayerNorm (see the module docstring)."""
 
     def __init__(self, config: RobertaConfig, tie_decoder: bool = True):
         super().__init__()
         hidden, vocab = config.hidden_size, config.vocab_size
-        self.dense = nn.Linear(hidden, hidden)
-        self.layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        pre_norm = getattr(config, "model_type", "roberta") == "modernbert"
+        eps = config.norm_eps if pre_norm else config.layer_norm_eps
+        self.input_norm = nn.LayerNorm(hidden, eps=eps, bias=False) if pre_norm else nn.Identity()
+        self.dense = nn.Linear(hidden, hidden, bias=not pre_norm)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps, bias=not pre_norm)
         self.bias = nn.Parameter(torch.zeros(vocab))
         self.decoder_weight = None if tie_decoder else nn.Parameter(torch.empty(vocab, hidden))
         # RoBERTa's initialisation: N(0, initializer_range) weights, zero biases, identity LayerNorm.
         nn.init.normal_(self.dense.weight, std=config.initializer_range)
-        nn.init.zeros_(self.dense.bias)
+        if self.dense.bias is not None:
+            nn.init.zeros_(self.dense.bias)
         if self.decoder_weight is not None:
             nn.init.normal_(self.decoder_weight, std=config.initializer_range)
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.layer_norm(F.gelu(self.dense(hidden)))
+        x = self.layer_norm(F.gelu(self.dense(self.input_norm(hidden))))
         weight = self.decoder_weight if self.decoder_weight is not None else embedding_weight
         if weight is None:
             raise ValueError("a tied auxiliary head needs the model's word-embedding weight")

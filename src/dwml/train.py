@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -42,7 +43,8 @@ from .shards import PackedSequences, load_meta
 
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
-    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset."""
+    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
+    Presets and peer tables are built in `model.family`; a peers file carries its own family, which must match."""
     m = cfg.model
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
@@ -50,15 +52,20 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         from .search import load_peer_archs
 
         archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
+        families = sorted({a.family for _, a in archs})
+        if families != [m.family]:
+            raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
+                            f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
-            archs.append((p, get_preset(p)))
+            archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
-            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, **p}, f"model.peers[{i}]")))
+            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
+                                                              f"model.peers[{i}]")))
         else:
             raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
     if not archs:
-        a = get_preset(m.preset)
+        a = get_preset(m.preset, m.family)
         overrides = {k: getattr(m, k) for k in ("layers", "heads", "hidden", "intermediate") if getattr(m, k)}
         archs = [(m.preset, a.replace(**overrides) if overrides else a)]
     method = cfg.train.method
@@ -158,8 +165,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
     n = len(valid_seqs)
     # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
-    # validation losses are never the ones omega was fitted on.
-    n_held = min(dcfg.heldout_sequences, n // 2) if need_heldout else 0
+    # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
+    # learned omega or not, so all runs of an experiment report on the same sequences.
+    n_held = min(dcfg.heldout_sequences, n // 2)
     report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
     report = _Subset(valid_seqs, report_idx)
     bs = min(t.eval_batch_size, len(report))
@@ -196,7 +204,8 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
     t = cfg.train
     rt = compute_init(t.device, t.seed, t.dtype)
     try:
-        return _train(cfg, rt, resume, stop_after)
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
     finally:
         compute_cleanup()
 
@@ -216,6 +225,9 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
     cfg, rt = run.cfg, run.rt
     t, d = cfg.train, cfg.distill
     with run.phase("setup"):
+        # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+        run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+        rt.barrier()
         resumed = run.restore() if resume else False
         run.open_log(resumed)
     if run.step == 0 and rt.is_master:
@@ -268,10 +280,9 @@ class Trainer:
         n = len(self.archs)
 
         # Students: a fresh init per peer from (seed, peer index), identical on every rank.
-        dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
         self.students: list[Student] = []
         for i, (_, arch) in enumerate(self.archs):
-            mlm = build_model(arch, seed=t.seed * 1000 + i, **dropout)
+            mlm = build_model(arch, seed=t.seed * 1000 + i, dropout=cfg.model.dropout)
             aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
             self.students.append(Student(mlm, aux).to(rt.device))
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
@@ -329,6 +340,7 @@ class Trainer:
         if not ckpts:
             return False
         state = load_checkpoint(ckpts[-1])
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
         if len(state["students"]) != len(self.students):
             raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
                             f"config has {len(self.students)}")
@@ -440,7 +452,9 @@ class Trainer:
         """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
         d, rt = self.cfg.distill, self.rt
         held = self.next_batch(self.batches.heldout)
-        gamma = lr if d.gamma < 0 else d.gamma
+        # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
+        # next real step uses) unless distill.gamma overrides it.
+        gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
         # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
         inner = batch.head(held.input_ids.shape[0])
@@ -449,7 +463,9 @@ class Trainer:
         g, info = hypergradient(
             self.students, inner, held, self.omega.omega.to(rt.device),
             alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
-            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward,
+            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=self.teacher_logits(inner),
+            teacher_weight=d.teacher_weight,
         )
         if rt.ddp:  # every rank must take the same omega step: average the hypergradients
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
@@ -457,7 +473,8 @@ class Trainer:
         self.omega.update(g, self.mirror)
         self.omega_device = self.omega.omega.to(rt.device)
         return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
-                    l2=float(info.get("l2", float("nan"))))
+                    l2=float(info.get("l2", float("nan"))),
+                    mixed_ratio=info["mixed_ratio"] if math.isfinite(info["mixed_ratio"]) else None)
 
     # -- log and validation -------------------------------------------------------------------------------------
     def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
@@ -518,6 +535,7 @@ class Trainer:
             "config": config_mod.to_toml(self.cfg),
             "elapsed_s": self.elapsed(),
             "initial_valid_loss": self.initial_valid,
+            "run_id": self.run_id,
         }
         if self.rt.is_master:
             save_checkpoint(self.run_dir, self.step, state)

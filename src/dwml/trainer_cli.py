@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--peers-file", help="JSON written by `dwml search` (overrides model.peers_file)")
     p.add_argument("--teacher", help="teacher model or run directory for kd / kd_dwml (overrides distill.teacher)")
     p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the run directory")
+    p.add_argument("--no-resume", action="store_true", help="start a new run: the previous run's files (checkpoints, final/, metrics) are "
+                   "moved into RUN/previous-<time>/, never deleted")
     p.set_defaults(func=run_train)
 
 
