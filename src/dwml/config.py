@@ -99,7 +99,9 @@ class DistillConfig:
     learn_omega: bool = True  # False = keep omega fixed (ablation)
     omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
     l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
-    hypergrad: str = "per_peer"  # exact mixed term of eq. (3): per_peer | double_backward | jvp
+    # Exact mixed term of eq. (3): per_peer | double_backward | jvp. The default is the fastest measured on the CPU
+    # (benchmarks/bench_outer_modes.py: 1.65 vs jvp 1.70 vs per_peer 1.92 inner steps, 3 peers); GPU unmeasured.
+    hypergrad: str = "double_backward"
     unroll: str = "adamw"  # inner step the outer step differentiates: adamw (the real one) | sgd (eq. 3) | direct
     #                        (adamw's theta', mixed term dropped: ablation)
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)

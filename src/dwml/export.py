@@ -80,7 +80,7 @@ def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
 def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write peer `peer` of a finished run to `out_dir`: new, empty or an earlier export (else `overwrite`); never
     the run itself or a folder holding it; inside the run only under RUN/export/."""
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     summary_path = run_dir / "final" / "summary.json"

@@ -216,7 +216,9 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
 
 def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
     """The loop. Each phase is one method of `Trainer`; `_loop` only decides when each runs."""
+    t0 = time.perf_counter()
     run = Trainer(cfg, rt)  # set-up: students, optimizers, omega, data streams
+    run.timings["setup"] = time.perf_counter() - t0
     try:
         return _loop(run, resume, stop_after)
     finally:
@@ -226,13 +228,15 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
     cfg, rt = run.cfg, run.rt
     t, d = cfg.train, cfg.distill
-    # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
-    run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
-    rt.barrier()
-    resumed = run.restore() if resume else False
-    run.open_log(resumed)
+    with run.phase("setup"):
+        # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+        run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+        rt.barrier()
+        resumed = run.restore() if resume else False
+        run.open_log(resumed)
     if run.step == 0 and rt.is_master:
-        run.initial_validation()
+        with run.phase("initial_validation"):
+            run.initial_validation()
     run.start_clock()
     bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress and rt.is_master), desc=t.method,
                dynamic_ncols=True)
@@ -244,9 +248,11 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
-            run.log_validation(bar)
+            with run.phase("validation"):
+                run.log_validation(bar)
         if step % t.save_every == 0 or step == t.max_steps:
-            run.save()
+            with run.phase("checkpoint"):
+                run.save()
         bar.update(1)
         if stop_after is not None and stop_after <= step < t.max_steps:
             bar.close()
@@ -322,6 +328,15 @@ class Trainer:
         # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
         cadences = (t.log_every, t.eval_every, t.save_every) + ((d.outer_every,) if self.learn_omega else ())
         self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
+        self.timings: dict[str, float] = {}  # seconds per phase of this process, in final/summary.json
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the data threads (also on errors and interruptions)."""
@@ -375,19 +390,26 @@ class Trainer:
         return self.schedulers[0].get_last_lr()[0]
 
     # -- step ---------------------------------------------------------------------------------------------------
+    def attention_mask(self, batch: MaskedBatch) -> torch.Tensor:
+        """On CUDA the (B, 1, 1, T) boolean mask SDPA takes as it is: given the 2-D mask, transformers first checks
+        on the host whether it has padding at all (`mask.all()`), a GPU sync in every forward of every student."""
+        if self.rt.device.type != "cuda":
+            return batch.attention_mask
+        return batch.attention_mask[:, None, None, :].bool()
+
     def forward_all(self, batch: MaskedBatch, train_mode: bool, modules=None) -> list:
-        outs = []
+        outs, mask = [], self.attention_mask(batch)
         for m in modules or self.models:
             m.train(train_mode)
             with self.rt.autocast():
-                outs.append(m(batch.input_ids, batch.attention_mask, batch.positions))
+                outs.append(m(batch.input_ids, mask, batch.positions))
         return outs
 
     def teacher_logits(self, batch: MaskedBatch) -> torch.Tensor | None:
         if self.teacher is None:
             return None
         with torch.no_grad(), self.rt.autocast():
-            return masked_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
+            return masked_logits(self.teacher, batch.input_ids, self.attention_mask(batch), batch.positions)
 
     def next_batch(self, stream) -> MaskedBatch:
         """The next batch on the device; the time the loop waited for it counts into the log's data_wait_s."""
@@ -549,7 +571,10 @@ class Trainer:
         summary: dict = {}
         self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
         if rt.is_master:
-            final = self.validate()
+            self.timings["steps"] = self.elapsed() - self.elapsed_before - sum(
+                self.timings.get(k, 0.0) for k in ("validation", "checkpoint"))
+            with self.phase("final_validation"):
+                final = self.validate()
             history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
             exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
                      for h, v in zip(history, final["valid_loss"])]
@@ -570,6 +595,7 @@ class Trainer:
                 "valid_ensemble_loss": final.get("valid_ensemble_loss"),
                 "tokenizer": str(self.tokenizer_dir),
                 "tokenizer_sha256": self.tokenizer_sha,
+                "timings_s": {k: round(v, 3) for k, v in self.timings.items()},  # export is not included
             }
             check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
             export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
