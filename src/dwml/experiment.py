@@ -300,6 +300,9 @@ def resolve_run_config(cfg: ExperimentConfig, spec: RunSpec, exp_dir: Path, prep
         require(k <= len(peer_archs), f"{where}: peers = {k}, but [search] finds only {len(peer_archs)} peers")
         require(k >= 2 or spec.method not in PEER_METHODS,
                 f"{where}: method {spec.method} needs at least 2 peers, got {k} (raise search.peers)")
+        family = d.get("model", {}).get("family", "roberta")
+        require(all(a.get("family", "roberta") == family for a in peer_archs[:k]),
+                f"{where}: model.family is {family}, but the [search] peers are not; set [search] family")
         d = merge(d, {"model": {"peers": [dict(a) for a in peer_archs[:k]]}})
     if spec.teacher:
         teacher = str(exp_dir / spec.teacher[4:]) if spec.teacher.startswith("run:") else spec.teacher
