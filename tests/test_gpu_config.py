@@ -17,7 +17,8 @@ def test_gpu_config_as_written(tmp_path):
     assert cfg.prepare.vocab_size == 16384 and cfg.search.reference == "base" and cfg.search.peers == 4
     assert [(r.name, r.method, r.peers) for r in cfg.runs] == [("mlm", "mlm", 1), ("dwml", "dwml", 0)]
     assert cfg.eval.tasks == ["blimp_filtered", "blimp_supplement", "ewok"] and cfg.eval.limit == 0
-    archs = [{"layers": 5, "heads": 12, "hidden": 768, "intermediate": 3072, "vocab_size": 16384}] * 4
+    archs = [{"layers": 5, "heads": 12, "hidden": 768, "intermediate": 3072, "vocab_size": 16384,
+              "family": "modernbert"}] * 4
     plans = plan_runs(cfg, tmp_path, tmp_path / "data", archs)
     steps = {(p.config.train.max_steps, p.config.train.batch_size, p.config.data.seq_len) for p in plans}
     assert steps == {(360, 256, 128)}  # equal tokens per student: 11.8M
