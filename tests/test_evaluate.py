@@ -142,6 +142,19 @@ def test_run_with_ensemble(tmp_path, tok):
         "peer0", "peer1"]
 
 
+def test_texts_are_tokenised_once_for_all_models_of_a_run(tmp_path, tok, monkeypatch):
+    """Peers and ensemble of one evaluation share the masked copies: one tokenisation per task, not per model."""
+    import dwml.scoring as scoring
+
+    calls = []
+    encode = scoring._encode
+    monkeypatch.setattr(scoring, "_encode", lambda t, texts: calls.append(len(texts)) or encode(t, texts))
+    scoring.clear_copy_cache()
+    run = save_run(tmp_path / "run", tok, seeds=[3, 4], omega=[0.5, 0.5])
+    res = evaluate_path(run, "supplement_fast,ewok_fast", limit=2, device="cpu", data_dir=EVAL_DATA)
+    assert len(res["models"]) == 3 and len(calls) == 2  # 3 models x 2 tasks, two tokenisations
+
+
 def test_ensemble_needs_one_vocabulary(tmp_path, tok):
     run = save_run(tmp_path / "run", tok, seeds=[5, 6], omega=[0.5, 0.5])
     other = make_tokenizer(vocab_size=500)

@@ -225,6 +225,8 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
                     "Pearson R"):
         assert section in report
     assert "| dwml | dwml | ensemble |" in report and "★" in report and "n/a" in report  # GPU util on CPU
+    assert "| Zero-shot mean | Strict mean | Ties |" in report and "EWoK pairing targets" in report
+    assert dwml["models"][0]["zero_shot_ties"] is not None
     assert (out / "figures" / "omega.png").read_bytes()[:4] == b"\x89PNG"
 
     # Re-running skips every finished stage (nothing is trained or evaluated again).

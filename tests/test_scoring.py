@@ -8,8 +8,8 @@ import torch
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dwml.errors import DwmlError
-from dwml.scoring import (PeerEnsemble, _pack, build_masked_copies, cached_masked_copies, masked_log_probs,
-                          score_sentences, score_sentences_naive)
+from dwml.scoring import (PeerEnsemble, _no_tf32, _pack, build_masked_copies, cached_masked_copies, masked_log_probs,
+                          score_sentences, score_sentences_naive, target_log_probs)
 from evalfixtures import EVAL_DATA, blimp_sentences, make_model, make_tokenizer
 
 pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
@@ -96,6 +96,9 @@ def test_masked_log_probs_fast_path_equals_full_logits(model, tok, sentences):
         ref = torch.log_softmax(full.reshape(-1, full.shape[-1])[positions], -1)
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    targets = torch.tensor([5, 17, 200])
+    direct = target_log_probs(model, enc.input_ids, enc.attention_mask, positions, targets)
+    torch.testing.assert_close(direct, ref.gather(1, targets[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
 
 
 def test_batches_hold_one_length_within_the_budget():
@@ -117,6 +120,21 @@ def test_fp32_is_true_fp32_even_inside_an_outer_autocast(model, tok, sentences):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. called from a bf16 training loop
         inside = score_sentences(model, tok, sentences[:6], precision="fp32")
     assert inside == fp32 and max(abs(a - b) for a, b in zip(fp32, ref)) < 1e-4
+
+
+def test_no_tf32_switches_cublas_and_cudnn_to_ieee_and_restores_them():
+    """What fp32 scoring does on CUDA (the switches exist in CPU builds too): after `dwml.runtime` enabled TF32 with
+    the legacy flags, the matmul and convolution precision is IEEE inside and TF32 again afterwards."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with _no_tf32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_bf16_is_close_to_fp32_but_not_equal(model, tok, sentences):
@@ -274,7 +292,8 @@ def test_one_hot_omega_equals_that_peer(tok, sentences):
     p0, p1 = make_model(tok, seed=1), make_model(tok, seed=2)
     for w, peer in (([1.0, 0.0], p0), ([0.0, 3.0], p1)):
         ens = PeerEnsemble([p0, p1], w)
-        assert score_sentences(ens, tok, sentences) == score_sentences(peer, tok, sentences)
+        # (the ensemble mixes full log-softmaxes; a single model reads z_target - logsumexp(z): equal up to rounding)
+        assert score_sentences(ens, tok, sentences) == pytest.approx(score_sentences(peer, tok, sentences), abs=1e-5)
         naive = score_sentences_naive(ens, tok, sentences[:4])
         assert max(abs(a - b) for a, b in zip(naive, score_sentences_naive(peer, tok, sentences[:4]))) < 1e-5
 

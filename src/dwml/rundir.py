@@ -27,11 +27,12 @@ from .io import CONTAINER_COMMANDS, MARKER, output_command, write_json
 LOCK_NAME = ".dwml-train.lock"
 PREVIOUS_PREFIX = "previous-"
 
-# Fields a resumed run may change: how long it trains, how often it logs/validates/saves, and how it shows progress
-# or where it computes. Every other field changes what is trained, so it must match the checkpoint's.
+# Fields a resumed run may change: how long it trains, how often it logs/validates/saves, and how it shows progress,
+# where it computes or how far ahead it builds batches (the same batches either way). Every other field changes
+# what is trained, so it must match the checkpoint's.
 RESUME_MAY_CHANGE = frozenset({
     "out_dir", "train.max_steps", "train.eval_every", "train.log_every", "train.save_every", "train.progress",
-    "train.device", "train.compile",
+    "train.device", "train.compile", "data.prefetch",
 })
 _PATH_FIELDS = ("data.prepared", "model.peers_file", "distill.teacher")
 
@@ -252,7 +253,7 @@ def check_resume(path: str | Path, state: dict, cfg, run_id: str | None, student
         raise DwmlError(f"{path}: the checkpoint's config is unreadable ({e})") from None
     if changes:
         raise DwmlError(f"{path}: the config changed since this run started ({'; '.join(changes)}); resuming "
-                        "may only change train.max_steps, eval/log/save cadence, progress, device and compile - "
+                        "may only change train.max_steps, eval/log/save cadence, progress, device, compile and data.prefetch - "
                         "restore those values, or start over with --no-resume (the old run is moved aside)")
     for i, (student, saved) in enumerate(zip(students, state["students"])):
         mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
