@@ -48,8 +48,10 @@ def test_ddp_two_ranks_agree_and_match_single_process(tiny_prepared, tmp_path):
     single = torch.load(tmp_path / "single_dump" / "rank0.pt")
     # Same sequences and masks (masks depend on the sequence, not the rank) and token-weighted gradients: the runs
     # differ only by float summation order, and by the hypergradient being the average of the two ranks' (each on its
-    # own half batch) instead of one on the union.
-    torch.testing.assert_close(single["omega"], r0["omega"], atol=2e-3, rtol=0)
+    # own half batch) instead of one on the union. That last difference is larger with the default AdamW unroll,
+    # whose mixed term (the part that depends on the L1 batch) is ~100x the SGD unroll's: measured max |d omega|
+    # 3.3e-3 after 4 outer steps at eta = 5 (5.1e-4 with distill.unroll = "sgd").
+    torch.testing.assert_close(single["omega"], r0["omega"], atol=5e-3, rtol=0)
     for a, b in zip(single["students"], r0["students"]):
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=0, msg=k)

@@ -11,6 +11,7 @@ def test_demo_end_to_end(tiny_corpus, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "demo finished" in text and "dwml ensemble" in text and "final omega" in text
+    assert "plateau exit" in text and "unigram entropy of the train split" in text and "mlm tiny: valid loss" in text
     summary = json.loads((out / "dwml" / "final" / "summary.json").read_text())
     assert len(summary["peers"]) == 2 and abs(sum(summary["omega"]) - 1) < 1e-9
     assert (out / "eval_dwml.json").is_file() and (out / "mlm" / "final" / "peer0" / "config.json").is_file()

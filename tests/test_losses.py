@@ -268,3 +268,7 @@ def test_dwml_inner_loss_equals_pairwise_dwml_loss(temperature, n):
     torch.testing.assert_close(parts["ce"], ref_parts["ce"])
     # per-student weighted KL: sum_j omega_j KL(p_j || p_i) = column sums of the omega-weighted pairwise matrix
     torch.testing.assert_close(parts["kl"], (omega[:, None] * ref_parts["kl"]).sum(0))
+    # A weighted loss (gradient accumulation, DDP) scales the closed-form gradient too.
+    weighted = torch.autograd.grad(0.3 * dwml_inner_loss(zs, labels, omega, 0.4, temperature)[0], zs)
+    for g, r in zip(weighted, ref_grads):
+        torch.testing.assert_close(g, 0.3 * r, rtol=1e-10, atol=1e-12)

@@ -102,6 +102,15 @@ def test_family_of_presets_tables_and_peers_files(tiny_prepared, tmp_path):
         make_cfg(tiny_prepared, tmp_path / "x", model={"family": "bert"})
 
 
+def test_analytic_flops_describe_what_modernbert_runs(tiny_prepared, tmp_path):
+    """FlopCounterMode over a real micro-step equals the closed form with ModernBERT's 3 H I GeGLU products."""
+    from dwml.flops import measure_step_flops
+
+    for method in ("mlm", "sd"):
+        m = measure_step_flops(make_cfg(tiny_prepared, tmp_path / method, train={"method": method}))
+        assert m["ratio"] == pytest.approx(1.0, abs=1e-6), method
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DWML's hypergradient (eq. 3) through functional_call on ModernBERT peers
 
@@ -174,6 +183,15 @@ def test_search_modernbert_is_exact_and_close_to_the_exhaustive_optimum(tmp_path
     assert [a.family for a in load_peer_archs(out)] == ["modernbert", "modernbert"]
 
 
+@pytest.mark.slow
+def test_search_modernbert_base_default_settings_within_1pct():
+    """The acceptance run of the RoBERTa search, for ModernBERT peers: base budget, 4 peers, 10 + 100 evaluations."""
+    result = search(SearchConfig(family="modernbert"))
+    for p in result["peers"]:
+        assert p["rel_error"] < 0.01 and 0 <= p["gap_to_exhaustive"] + 1e-12 < 0.01, p
+        assert p["bo_evaluations"] == 110
+
+
 def test_experiment_searches_peers_in_the_base_family(tmp_path):
     from dwml.experiment import load_experiment, plan_runs, search_settings
 
@@ -200,6 +218,18 @@ method = "dwml"
     peers = [p["arch"] for p in search(settings)["peers"]]
     (plan,) = plan_runs(cfg, tmp_path / "exp", tmp_path, peers)
     assert [a.family for _, a in resolve_archs(plan.config, 1000)] == ["modernbert", "modernbert"]
+    # A run of another family than the searched peers' is refused, not silently trained as the peers' family.
+    (tmp_path / "exp2.toml").write_text(text.replace('family = "modernbert"', 'family = "roberta"') + """
+[runs.model]
+family = "modernbert"
+""")
+    cfg2 = load_experiment(tmp_path / "exp2.toml")
+    roberta_peers = [p["arch"] for p in search(search_settings(cfg2, 1000))["peers"]]
+    with pytest.raises(DwmlError, match="model.family is modernbert, but the \\[search\\] peers are not"):
+        plan_runs(cfg2, tmp_path / "exp", tmp_path, roberta_peers)
+    with pytest.raises(DwmlError, match=r"model.peers\[0\]: a roberta architecture, but model.family is modernbert"):
+        resolve_archs(make_cfg(tmp_path, tmp_path / "x", model={"peers": [dict(PEERS[0], family="roberta"),
+                                                                          PEERS[1]]}), 1000)
 
 
 def _roberta_ref(tmp_path):

@@ -104,7 +104,7 @@ def test_main_table_marks_best_peer_and_ensemble(results):
     md = main_table(results)
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     assert header[:5] == ["Run", "Method", "Model", "Params", "ω"]
-    assert "BLiMP (fast)" in header and "GLUE avg" in header and header[-1] == "Valid loss"
+    assert "BLiMP (fast)" in header and "GLUE avg" in header and header[-2:] == ["Valid loss", "Plateau exit"]
     rows = table_rows(md)
     assert [r[0] for r in rows] == ["mlm", "dwml", "dwml", "dwml-alpha0.3", "dwml-alpha0.3"]  # no alias row
     dwml_best, dwml_ens = rows[1], rows[2]

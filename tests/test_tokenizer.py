@@ -4,13 +4,14 @@ import json
 import random
 
 import pytest
-from transformers import AutoTokenizer, RobertaConfig
+from transformers import AutoProcessor, AutoTokenizer, RobertaConfig
 
 from dwml.errors import DwmlError
 from dwml.tokenizer import (
     MASK_ID,
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
+    copy_tokenizer,
     load_raw,
     load_tokenizer,
     save_tokenizer,
@@ -61,16 +62,53 @@ def test_specials_and_vocab(saved):
     assert enc.ids[0] == 0 and enc.ids[-1] == 2 and len(enc.ids) > 2
 
 
-def test_autotokenizer_parity(saved):
+def test_saved_files(saved):
+    """The folder names the generic class that exists in transformers 4.x and 5.x (not 5.x's TokenizersBackend),
+    also as processor_class (AutoProcessor), and RoBERTa's special tokens; tokenizer.json is the trained pipeline."""
+    _, tok, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == config["processor_class"] == "PreTrainedTokenizerFast"
+    assert {k: config[k] for k in ("bos_token", "eos_token", "cls_token", "sep_token", "unk_token", "pad_token",
+                                   "mask_token")} == {
+        "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "mask_token": "<mask>"}
+    assert config["model_max_length"] == 128
+    assert json.loads((path / "tokenizer.json").read_text()) == json.loads(tok.to_str())
+
+
+@pytest.mark.parametrize("loader", [AutoTokenizer, AutoProcessor], ids=["AutoTokenizer", "AutoProcessor"])
+def test_autotokenizer_parity(saved, loader):
     lowercase, tok, path = saved
-    hf = AutoTokenizer.from_pretrained(str(path))
+    hf = loader.from_pretrained(str(path))
+    assert type(hf).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")  # one class in 5.x, two names
     for text in PROBES + corpus(50, seed=1):
         assert hf(text)["input_ids"] == tok.encode(text).ids, text
     assert hf(PROBES)["input_ids"] == [e.ids for e in tok.encode_batch(PROBES)]
     assert hf.mask_token_id == MASK_ID and hf.pad_token_id == 1 and hf.bos_token_id == 0 and hf.eos_token_id == 2
     assert hf.model_max_length == 128
-    assert json.loads((path / "tokenizer_config.json").read_text())["tokenizer_class"] in (
-        "TokenizersBackend", "PreTrainedTokenizerFast")
+    assert json.loads(hf.backend_tokenizer.to_str())["normalizer"] == json.loads(tok.to_str())["normalizer"]
+    text = "The dog ran . Then , it sat !"
+    assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == (text.lower() if lowercase else text)
+
+
+def test_copy_tokenizer_repairs_old_folders(saved, tmp_path):
+    """Folders written by transformers 5's save_pretrained name `TokenizersBackend`; copying rewrites them."""
+    _, tok, path = saved
+    old = tmp_path / "old"
+    save_tokenizer(load_raw(path), old, model_max_length=64)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    del config["processor_class"]
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    copy_tokenizer(old, tmp_path / "new")
+    new = json.loads((tmp_path / "new" / "tokenizer_config.json").read_text())
+    assert new["tokenizer_class"] == new["processor_class"] == "PreTrainedTokenizerFast"
+    assert new["model_max_length"] == 64
+    assert (tmp_path / "new" / "tokenizer.json").read_text() == (old / "tokenizer.json").read_text()
+    (old / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": "long"}))
+    with pytest.raises(DwmlError, match="model_max_length"):
+        copy_tokenizer(old, tmp_path / "bad")
 
 
 def test_normalisation_survives_loading(saved):

@@ -70,7 +70,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     clean_stale_temps(path.parent)  # a checkpoint half-written by a killed run (another step's name)
     state = {**state, "checksum": state_checksum(state)}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # through a file object: a full disk raises OSError(ENOSPC), not an opaque error
+            torch.save(state, f)
     older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
     for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)

@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except DwmlError as e:
         print(f"dwml: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, read-only file system, permissions: the environment, not a bug
+        from .checks import os_error_message
+
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"dwml: error: {message}", file=sys.stderr)
+        return DwmlError.exit_code
     except KeyboardInterrupt:
         print("dwml: interrupted (the last checkpoint is kept; run the same command again to resume)", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
+SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.schedule)
 MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
@@ -29,6 +30,9 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
+    # Validation masks at this fixed rate whatever mask_prob trains with, so validation losses of recipes with
+    # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
+    eval_mask_prob: float = 0.15
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
     #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
@@ -56,8 +60,10 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warm-up: cosine | linear | trapezoid | constant (dwml.schedule)
+    cooldown_fraction: float = 0.2  # trapezoid: the last fraction of max_steps decays linearly, the rest is flat
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
@@ -73,6 +79,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     progress: bool = True
+    max_nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient norm to skip before stopping (0 = stop)
+    tensorboard: bool = False  # also log metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/
 
 
 @dataclass
@@ -91,7 +99,9 @@ class DistillConfig:
     learn_omega: bool = True  # False = keep omega fixed (ablation)
     omega: list = field(default_factory=list)  # initial / fixed omega; empty = uniform
     l2: str = "ensemble"  # outer loss: ensemble (CE of the omega-mixture) | sum (sum_i omega_i CE_i)
-    hypergrad: str = "per_peer"  # exact mixed term of eq. (3): per_peer | double_backward | jvp
+    # Exact mixed term of eq. (3): per_peer | double_backward | jvp. The default is the fastest measured on the CPU
+    # (benchmarks/bench_outer_modes.py: 1.65 vs jvp 1.70 vs per_peer 1.92 inner steps, 3 peers); GPU unmeasured.
+    hypergrad: str = "double_backward"
     unroll: str = "adamw"  # inner step the outer step differentiates: adamw (the real one) | sgd (eq. 3) | direct
     #                        (adamw's theta', mixed term dropped: ablation)
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
@@ -112,8 +122,9 @@ class RunConfig:
         _check(t.method in METHODS, f"train.method: unknown method {t.method!r}; expected one of {list(METHODS)}")
         _check(0.0 <= d.alpha <= 1.0, f"distill.alpha: expected a value in [0, 1], got {d.alpha}")
         _check(d.outer_every >= 1, f"distill.outer_every (K): expected an integer >= 1, got {d.outer_every}")
-        _check(d.temperature > 0, f"distill.temperature: expected > 0, got {d.temperature}")
-        _check(d.eta > 0, f"distill.eta: expected > 0, got {d.eta}")
+        _check(math.isfinite(d.temperature) and d.temperature > 0,
+               f"distill.temperature: expected a finite value > 0, got {d.temperature}")
+        _check(math.isfinite(d.eta) and d.eta > 0, f"distill.eta: expected a finite value > 0, got {d.eta}")
         _check(d.eta_schedule in ("constant", "inv_sqrt", "cosine"),
                f"distill.eta_schedule: expected constant|inv_sqrt|cosine, got {d.eta_schedule!r}")
         _check(0.0 <= d.eta_min <= d.eta, f"distill.eta_min: expected [0, eta], got {d.eta_min}")
@@ -127,18 +138,42 @@ class RunConfig:
         _check(t.max_steps >= 1, f"train.max_steps: expected >= 1, got {t.max_steps}")
         _check(t.batch_size >= 1, f"train.batch_size: expected >= 1, got {t.batch_size}")
         _check(t.grad_accum >= 1, f"train.grad_accum: expected >= 1, got {t.grad_accum}")
-        _check(t.lr > 0, f"train.lr: expected > 0, got {t.lr}")
+        _check(math.isfinite(t.lr) and t.lr > 0, f"train.lr: expected a finite value > 0, got {t.lr}")
+        _check(t.warmup_steps >= 0, f"train.warmup_steps: expected >= 0, got {t.warmup_steps}")
+        _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+               f"train.weight_decay: expected a finite value >= 0, got {t.weight_decay}")
+        for name in ("beta1", "beta2"):
+            b = getattr(t, name)
+            _check(0.0 <= b < 1.0, f"train.{name}: expected a value in [0, 1), got {b}")
+        _check(math.isfinite(t.eps) and t.eps > 0, f"train.eps: expected a finite value > 0, got {t.eps}")
+        _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0,
+               f"train.grad_clip: expected a finite value >= 0 (0 = off), got {t.grad_clip}")
+        for name in ("eval_every", "save_every", "log_every", "eval_batches", "eval_batch_size"):
+            _check(getattr(t, name) >= 1, f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: expected >= 0, got {t.max_nonfinite_skips}")
+        _check(0.0 <= self.model.dropout < 1.0, f"model.dropout: expected a value in [0, 1), got {self.model.dropout}")
+        _check(math.isfinite(d.gamma), f"distill.gamma: expected a finite value, got {d.gamma}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: expected [0, 1], got {t.min_lr_ratio}")
+        _check(t.schedule in SCHEDULES, f"train.schedule: expected one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
+        _check(0.0 < t.cooldown_fraction <= 1.0,
+               f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
+        if t.tensorboard:
+            from .metrics import MISSING_TENSORBOARD, tensorboard_available
+
+            _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         _check(self.model.family in MODEL_FAMILIES,
                f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(0.0 < self.data.eval_mask_prob < 1.0,
+               f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
         for w in d.omega:
-            _check(isinstance(w, (int, float)) and w > 0, f"distill.omega: expected positive numbers, got {d.omega}")
+            _check(isinstance(w, (int, float)) and math.isfinite(w) and w > 0,
+                   f"distill.omega: expected positive finite numbers, got {d.omega}")
         return self
 
 
@@ -171,12 +206,13 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise DwmlError naming `where`.key."""
     if not isinstance(data, Mapping):
-        raise DwmlError(f"{where}: expected a table, got {type(data).__name__}")
+        raise DwmlError(f"{where or 'config'}: expected a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise DwmlError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        prefix = f"{where}: " if where else ""
+        raise DwmlError(f"{prefix}unknown key(s) {unknown}; expected some of {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -185,7 +221,7 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
             continue
         if not _type_ok(value, tp):
             expected = getattr(tp, "__name__", str(tp))
-            raise DwmlError(f"{where}.{name}: expected {expected}, got {value!r}")
+            raise DwmlError(f"{where + '.' if where else ''}{name}: expected {expected}, got {value!r}")
         kwargs[name] = float(value) if tp is float else value
     return cls(**kwargs)
 
@@ -235,8 +271,15 @@ def load_config(
     for p in paths or []:
         data = merge(data, read_toml(p))
         where = str(p)
+    if data:
+        from_dict(cls, data, where)  # errors in the files name the file ...
     for s in sets or []:
-        data = merge(data, parse_set(s))
+        override = parse_set(s)
+        try:
+            from_dict(cls, override, "")  # ... and errors in an override name that --set
+        except DwmlError as e:
+            raise DwmlError(f"--set {s}: {e}") from None
+        data = merge(data, override)
     cfg = from_dict(cls, data, where)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
 

@@ -109,24 +109,42 @@ def run_demo(args) -> int:
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {out}/")
     print(results_table(mlm, dwml, scores))
     print("final omega: [" + ", ".join(f"{w:.3f}" for w in dwml["omega"]) + "]")
+    print(plateau_lines(mlm, dwml))
     return 0
 
 
+def plateau_lines(mlm: dict, dwml: dict) -> str:
+    """How far each model got, in words, next to the unigram entropy (the loss of token frequencies alone)."""
+    from .plateau import describe
+
+    entropy = mlm["unigram_entropy"]
+    lines = [f"unigram entropy of the train split: {entropy:.3f} nats (a model at this validation loss has learned "
+             f"token frequencies and nothing else)"]
+    for run, summary in (("mlm", mlm), ("dwml", dwml)):
+        for p in summary["peers"]:
+            lines.append(f"  {run} {p['name']}: " + describe(p["valid_loss"], entropy, p["plateau_exit_step"]))
+    return "\n".join(lines)
+
+
 def results_table(mlm: dict, dwml: dict, scores: dict) -> str:
-    """One row per model: parameters, omega, validation loss before -> after, zero-shot accuracies."""
+    """One row per model: parameters, omega, validation loss before -> after, plateau exit (first step 0.5 nats
+    below the unigram entropy), zero-shot accuracies."""
     tasks = ["blimp_fast", "supplement_fast", "ewok_fast"]
-    head = f"{'model':<16}{'params':>10}{'omega':>7}  {'valid loss':<15}" + "".join(f"{t:>17}" for t in tasks)
+    head = (f"{'model':<16}{'params':>10}{'omega':>7}  {'valid loss':<15}{'plateau exit':>13}"
+            + "".join(f"{t:>17}" for t in tasks))
     lines = [head, "-" * len(head)]
     rows = [("mlm", "peer0", mlm, 0)] + [("dwml", f"peer{i}", dwml, i) for i in range(len(dwml["peers"]))]
     rows.append(("dwml", "ensemble", dwml, None))
     for run, model, summary, i in rows:
         acc = scores.get(run, {}).get("models", {}).get(model, {}).get("summary", {})
         if i is None:
-            params, omega = sum(p["params"] for p in summary["peers"]), "-"
+            params, omega, exit_ = sum(p["params"] for p in summary["peers"]), "-", "-"
             loss = f"{summary['valid_ensemble_loss']:.3f}"
         else:
             params, omega = summary["peers"][i]["params"], f"{summary['omega'][i]:.3f}"
             loss = f"{summary['initial_valid_loss'][i]:.3f} -> {summary['peers'][i]['valid_loss']:.3f}"
-        lines.append(f"{run + ' ' + model:<16}{params:>10,}{omega:>7}  {loss:<15}"
+            step = summary["peers"][i].get("plateau_exit_step")
+            exit_ = "never" if step is None else str(step)
+        lines.append(f"{run + ' ' + model:<16}{params:>10,}{omega:>7}  {loss:<15}{exit_:>13}"
                      + "".join(f"{acc[t]:>17.1f}" if t in acc else f"{'-':>17}" for t in tasks))
     return "\n".join(lines)

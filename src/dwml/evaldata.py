@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -116,7 +117,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     if spec.kind == "ewok":
         folder = _first_dir(root, spec.dirs)
         if folder is not None:  # a user's own unpacked copy
-            files = [(p.stem, p.read_text(encoding="utf-8"), str(p)) for p in _jsonl_files(folder)]
+            files = [(p.stem, _utf8(p.read_bytes(), str(p)), str(p)) for p in _jsonl_files(folder)]
         else:
             files = list(_read_zip_folder(root / EWOK_ZIP, spec.zip_member))
         return [pair for stem, text, where in files
@@ -127,7 +128,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         raise DwmlError(f"task {spec.name}: no data folder found (tried {tried}); pass --data-dir")
     pairs: list[MinimalPair] = []
     for path in _jsonl_files(folder):
-        pairs.extend(_decode_file(spec.kind, path.stem, path.read_text(encoding="utf-8"), str(path), limit))
+        pairs.extend(_decode_file(spec.kind, path.stem, _utf8(path.read_bytes(), str(path)), str(path), limit))
     return pairs
 
 
@@ -145,6 +146,14 @@ def check_ewok_pairing(pairing: str, field: str = "--ewok-pairing") -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- internals
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DwmlError(f"{where}:{line}: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
 def _first_dir(root: Path, candidates: tuple[str, ...]) -> Path | None:
@@ -176,7 +185,9 @@ def _read_zip_folder(zip_path: Path, member: str, password: bytes = EWOK_PASSWOR
                     data = zf.read(name, pwd=password)
                 except RuntimeError as e:  # zipfile reports a bad password as RuntimeError
                     raise DwmlError(f"{zip_path}:{name}: cannot decrypt ({e}); expected the EWoK password") from None
-                yield Path(name).stem, data.decode("utf-8"), f"{zip_path}:{name}"
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # bad CRC, torn deflate stream
+                    raise DwmlError(f"{zip_path}:{name}: corrupt zip member ({e})") from None
+                yield Path(name).stem, _utf8(data, f"{zip_path}:{name}"), f"{zip_path}:{name}"
     except zipfile.BadZipFile as e:
         raise DwmlError(f"{zip_path}: not a readable zip ({e})") from None
 

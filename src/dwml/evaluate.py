@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
 from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import EWOK_PAIRINGS, MinimalPair, TASKS, check_ewok_pairing, default_data_dir, load_task, parse_tasks
@@ -117,6 +118,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll
         start = time.perf_counter()
         good, bad = score_pairs(model, tokenizer, pairs, method=method, token_budget=token_budget, device=device,
                                 precision=precision)
+        check_finite_scores(list(good) + list(bad), task)
         out[task] = summarize(pairs, good, bad)
         out[task]["seconds"] = round(time.perf_counter() - start, 3)
         if log:
@@ -140,11 +142,11 @@ def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise DwmlError(f"{path}: not a model folder (no config.json)")
-    try:
+    check_model_tokenizer(path)  # without tokenizer files transformers builds an empty one (everything ties)
+    with model_files(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DwmlError(f"{path}: cannot load masked LM or tokenizer ({str(e).splitlines()[0]})") from None
+    check_model_tokenizer(path, tokenizer, model)
     return model.to(device).eval(), tokenizer
 
 
@@ -170,6 +172,9 @@ def find_models(path: str | Path) -> tuple[list[tuple[str, Path]], list[float] |
         missing = [str(d) for _, d in peers if not (d / "config.json").is_file()]
         if missing:
             raise DwmlError(f"{summary_file}: {len(omega)} omega weights but missing peer folder(s) {missing}")
+        for _, d in peers:  # the run's own tokenizer (recorded at training), not one swapped in since
+            check_model_tokenizer(d)
+            check_same_tokenizer(d, summary.get("tokenizer_sha256"), f"the one {path} was trained with")
         return peers, [float(w) for w in omega]
     if (path / "config.json").is_file():
         return [(path.name or "model", path)], None

@@ -300,6 +300,9 @@ def resolve_run_config(cfg: ExperimentConfig, spec: RunSpec, exp_dir: Path, prep
         require(k <= len(peer_archs), f"{where}: peers = {k}, but [search] finds only {len(peer_archs)} peers")
         require(k >= 2 or spec.method not in PEER_METHODS,
                 f"{where}: method {spec.method} needs at least 2 peers, got {k} (raise search.peers)")
+        family = d.get("model", {}).get("family", "roberta")
+        require(all(a.get("family", "roberta") == family for a in peer_archs[:k]),
+                f"{where}: model.family is {family}, but the [search] peers are not; set [search] family")
         d = merge(d, {"model": {"peers": [dict(a) for a in peer_archs[:k]]}})
     if spec.teacher:
         teacher = str(exp_dir / spec.teacher[4:]) if spec.teacher.startswith("run:") else spec.teacher
@@ -593,6 +596,7 @@ def median_or_none(values: list) -> float | None:
 
 
 def data_stats(prepared: Path, seq_len: int) -> dict:
+    from .plateau import train_unigram_entropy
     from .shards import PackedSequences, load_meta
 
     meta = load_meta(prepared)
@@ -606,6 +610,7 @@ def data_stats(prepared: Path, seq_len: int) -> dict:
         "valid_tokens": splits.get("valid", {}).get("tokens"),
         "train_sequences": int(len(lengths)),
         "mean_sequence_length": float(lengths.mean()),
+        "unigram_entropy": train_unigram_entropy(prepared, meta),
         # Share of the B x T positions that can be masked (real, non-special tokens): the masked fraction of the
         # positions is mask_prob times this.
         "maskable_fraction": splits.get("train", {}).get("tokens", 0) / (len(lengths) * seq_len),
@@ -707,7 +712,7 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
     stats = data_stats(prepared, seq_len)
     vocab = stats["vocab_size"]
     by_name = {p.name: p for p in plans}
-    runs = []
+    runs, evaluations = [], {}
     for plan in plans:
         run_dir = Path(plan.config.out_dir)
         summary = _read_json(run_dir / "final" / "summary.json") if not plan.alias_of else None
@@ -716,7 +721,8 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
         analytic = analytic_flops(plan, vocab, budget["tokens_per_student"],
                                   teacher_arch_of(plan.config, vocab, by_name), own["maskable_fraction"])
         measured = flops_stage(plan, exp_dir) if summary else None
-        runs.append(run_record(plan, summary, _fresh(exp_dir / f"eval_{plan.name}.json", plan),
+        evaluations[plan.name] = _fresh(exp_dir / f"eval_{plan.name}.json", plan)
+        runs.append(run_record(plan, summary, evaluations[plan.name],
                                _fresh(exp_dir / f"finetune_{plan.name}.json", plan),
                                _fresh(exp_dir / f"timing_{plan.name}.json", plan), measured, budget, analytic))
     from .report import omega_correlation
@@ -738,6 +744,9 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
         **(extra or {}),
     }
     results["correlation"] = omega_correlation(results)
+    from .stats import significance_vs_mlm
+
+    results["significance"] = significance_vs_mlm(runs, evaluations)
     return results
 
 

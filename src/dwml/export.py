@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer, model_files
 from .errors import DwmlError
 from .io import atomic_dir, check_output_dir, read_json, write_text
+from .tokenizer import copy_tokenizer
 
 
 # How the model card names each model family (`dwml.model`).
@@ -90,11 +92,17 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: 
         raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
     check_output_dir(out_dir, "export", inputs=[run_dir], overwrite=overwrite, allowed_inside=[run_dir / "export"])
     src = run_dir / "final" / f"peer{peer}"
-    model = AutoModelForMaskedLM.from_pretrained(src)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    check_model_tokenizer(src)
+    # The tokenizer must be the one the run was trained with (its hash is in the summary since dwml records it).
+    check_same_tokenizer(src, summary.get("tokenizer_sha256"), f"the one {run_dir} was trained with")
+    with model_files(src):
+        model = AutoModelForMaskedLM.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    check_model_tokenizer(src, tokenizer, model)
+    check_finite_weights(model, str(src))
     with atomic_dir(out_dir, command="export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(src, tmp)  # the tokenizer files in the format transformers 4.x and 5.x both load
         write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
     return out_dir
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
+from .checks import check_model_tokenizer, model_files
 from .errors import DwmlError, require
 from .io import check_output_file, write_json
 from .model import POSITION_OFFSET
@@ -359,6 +360,7 @@ def check_model_dir(model_dir: Path) -> None:
 
 def load_tokenizer(model_dir: Path):
     check_model_dir(model_dir)
+    check_model_tokenizer(model_dir)  # without tokenizer files transformers would build an empty tokenizer
     try:
         with _quiet_transformers():
             from transformers import AutoTokenizer
@@ -378,7 +380,7 @@ def load_classifier(model_dir: Path, num_labels: int):
     """
     check_model_dir(model_dir)
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), model_files(model_dir):
             from transformers import AutoModelForSequenceClassification
 
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -561,6 +563,7 @@ def finetune_task(
     t0 = time.time()
     with _seeded(cfg.seed, device):
         model = load_classifier(model_dir, spec.num_labels).to(device)
+        check_model_tokenizer(model_dir, tokenizer, model)  # a larger tokenizer would index past the embeddings
         max_length = max_input_length(model, cfg.max_length)
         log(f"{len(data.train)} train / {len(data.eval)} eval examples, {epochs} epochs"
             + (f" ({data.note})" if data.note else ""))

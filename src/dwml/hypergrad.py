@@ -34,10 +34,12 @@ The unrolled step U (`unroll`, config `distill.unroll`):
       Adam's step invariant to the gradient's scale: at the first step (m = v = 0) the step is lr * sign(g) up to
       eps and the two parts cancel exactly, so holding v' constant would report a derivative where the real step
       has none; it matters whenever g^2 is not small against v. `tests/test_hypergrad.py` compares every mode
-      against central finite differences of the real `optimizer.step()` in float64.
+      against central finite differences of the real `optimizer.step()` in float64 (relative error < 1e-10, centred
+      < 3e-9; with v' held constant the centred hypergradient is off by 8%).
   "sgd": theta' = theta - gamma g (the paper's eq. 3), gamma = `gamma` (the trainer passes the current lr).
   "direct": theta' as for "adamw", the mixed term left out (an ablation: omega follows dL2/domega alone, in effect
-      what the public code does). Costs one first-order gradient of L1 instead of M.
+      what the public code does). Needs one first-order gradient of L1 instead of the mixed term's M (counted
+      FLOPs of the outer step: 1.33 instead of 3.99 inner steps for 4 peers, `dwml experiment` Table 9).
 Gradient clipping: the real step clips each peer's gradient to norm `grad_clip` (torch's clip_grad_norm_,
   g * min(1, c / (|g| + 1e-6))); U clips too and differentiates the clip exactly (its Jacobian
   kappa (I - g g^T / (|g| (|g| + 1e-6))) when it is active, I otherwise), so a clipped step is not mistaken for an

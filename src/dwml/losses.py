@@ -151,7 +151,8 @@ def dwml_loss(
     return total, parts
 
 
-_ROW_CHUNK = 32  # masked positions per chunk: keeps the (M, chunk, V) temporaries cache-sized
+_ROW_CHUNK = 32  # masked positions per chunk on the CPU: keeps the (M, chunk, V) temporaries cache-sized
+_GPU_CHUNK_ELEMENTS = 2**26  # (M x rows x V) fp32 elements per chunk on a GPU: 256 MB per temporary
 
 
 def _chunk_softmaxes(zc: torch.Tensor, temperature: float):
@@ -187,34 +188,52 @@ class _DetachedDWMLLoss(torch.autograd.Function):
         neg_entropy = zs[0].new_zeros(num_peers)
         cross = zs[0].new_zeros(num_peers)
         # The gradient needs the same softmaxes as the value, so it is formed here, chunk by chunk, while they are
-        # in cache; backward only scales it.
-        grads = [torch.empty_like(z) for z in zs]
-        ce_w = ((1.0 - alpha) * w).view(-1, 1, 1)
-        for start in range(0, n, _ROW_CHUNK):
-            rows = slice(start, start + _ROW_CHUNK)
+        # in cache; backward only scales it. grads[i] is peer i's (N, V) gradient of the mean over the N rows (the
+        # 1/N is folded into the coefficients).
+        grads = zs[0].new_empty((num_peers, *zs[0].shape))
+        ce_w = ((1.0 - alpha) * w).view(-1, 1, 1) / n
+        # At T = 1 (p1 = p) the gradient is one fused pass: (ce_w_i + alpha W) p_i - alpha P, minus ce_w_i at y.
+        p_coef, mix_coef = ce_w + alpha * w.sum() / n, -alpha * temperature / n
+        chunk = _row_chunk(zs[0], num_peers)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
             zc, yc = torch.stack([z[rows] for z in zs]), labels[rows]
             log_p1, p1, log_p, p = _chunk_softmaxes(zc, temperature)
             index = yc.view(1, -1, 1).expand(num_peers, -1, 1)
             ce -= log_p1.gather(-1, index).sum((1, 2))
-            neg_entropy += (p * log_p).sum((1, 2))
+            flat_p, flat_log_p = p.flatten(1), log_p.flatten(1)
+            neg_entropy += torch.linalg.vecdot(flat_p, flat_log_p)
             mix = torch.einsum("m,mrv->rv", w, p)
-            cross += torch.einsum("rv,mrv->m", mix, log_p)
-            g = torch.mul(p1, ce_w)
-            g.add_(w.sum() * p - mix, alpha=alpha * temperature)
+            cross += flat_log_p @ mix.flatten()
+            g = grads[:, rows]
+            if temperature == 1.0:
+                torch.addcmul(mix.mul(mix_coef), p, p_coef, out=g)
+            else:
+                torch.mul(p1, ce_w, out=g)
+                g.add_(w.sum() * p - mix, alpha=-mix_coef)
             g.scatter_add_(-1, index, -ce_w.expand(-1, len(yc), 1))
-            for grad, gi in zip(grads, g):
-                grad[rows] = gi
         ce, kl = ce / n, ((w * neg_entropy).sum() - cross) / n  # kl (M,): sum_{j != i} omega_j KL(p_j || p_i)
         total = (1.0 - alpha) * (w * ce).sum() + alpha * temperature**2 * kl.sum()
-        ctx.save_for_backward(*grads)
-        ctx.n = n
+        ctx.save_for_backward(grads)
         ctx.mark_non_differentiable(ce, kl)
         return total, ce, kl
 
     @staticmethod
     def backward(ctx, grad_total, grad_ce, grad_kl):
-        scale = grad_total / ctx.n
-        return (None, None, None, None, *(g * scale for g in ctx.saved_tensors))
+        (grads,) = ctx.saved_tensors
+        # The trainer back-propagates this loss with weight 1 (one micro-batch, one rank): skip a pass over M x N x V
+        # floats then. Checking costs nothing on the CPU; on a GPU it would wait for the GPU, so there it multiplies.
+        if not (grad_total.device.type == "cpu" and float(grad_total) == 1.0):
+            grads = grads * grad_total
+        return (None, None, None, None, *grads.unbind(0))
+
+
+def _row_chunk(z: torch.Tensor, num_peers: int) -> int:
+    """Rows per chunk: cache-sized (M, rows, V) temporaries on the CPU; on a GPU a few large chunks instead (there
+    every chunk costs ~15 kernel launches, and small chunks would leave the GPU waiting for the host)."""
+    if z.device.type == "cpu":
+        return _ROW_CHUNK
+    return max(_ROW_CHUNK, _GPU_CHUNK_ELEMENTS // (num_peers * z.shape[1]))
 
 
 def dwml_inner_loss(

@@ -11,15 +11,19 @@ Output directory (written whole, atomically - a failure leaves nothing behind):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from .checks import tokenizer_fingerprint
 from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from .errors import DwmlError
 from .io import atomic_dir, check_output_dir, write_json, write_text
+from .plateau import unigram_entropy
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
-from .tokenizer import DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_vocab_size, save_tokenizer, train_tokenizer
+from .tokenizer import (DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_max_length, check_vocab_size, save_tokenizer,
+                        train_tokenizer)
 
 SPLITS = ("train", "valid")
 
@@ -73,6 +77,7 @@ def prepare(
     inside one (see `io.check_output_dir`)."""
     t_start = time.perf_counter()
     check_vocab_size(vocab_size)
+    check_max_length(model_max_length)
     dtype_for_vocab(vocab_size, dtype)  # fail before any work if a forced dtype cannot hold the vocabulary
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -105,6 +110,8 @@ def prepare(
                 first += len(group)
             header = write_shard(tmp, name, tokens, offsets, vocab_size=actual_vocab, dtype=dtype, sources=ranges)
             splits[name] = stats
+            if name == "train":
+                entropy = unigram_entropy(tokens, actual_vocab)
         t_shards = time.perf_counter()
         meta = {
             "format": META_FORMAT,
@@ -122,7 +129,11 @@ def prepare(
             "files": [str(f) for f in files],
             "skipped_dirs": [str(s) for s in skipped],
             "tokenizer": "tokenizer",
+            "tokenizer_sha256": tokenizer_fingerprint(tmp / "tokenizer"),  # checked before training and at export
             "splits": splits,
+            # nats over the train split's document tokens, i.e. the labels MLM predicts (no specials): the loss of
+            # a model that knows token frequencies only (dwml.plateau)
+            "unigram_entropy": entropy,
             "timings_s": {
                 "read_clean_split": round(t_read - t_start, 3),
                 "train_tokenizer": round(t_tok - t_read, 3),
@@ -146,6 +157,9 @@ def format_summary(meta: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"vocab {meta['vocab_size']} ({meta['dtype']}), lowercase={meta['lowercase']}, "
                  f"{len(meta['files'])} file(s)")
+    if "unigram_entropy" in meta:
+        lines.append(f"unigram entropy of the train split: {meta['unigram_entropy']:.3f} nats (the loss of a model "
+                     f"that knows token frequencies only)")
     for s in meta.get("skipped_dirs", []):
         lines.append(f"skipped {s} (its parent holds corpus files; name it explicitly to include it)")
     if "timings_s" in meta:
@@ -170,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(format_summary(meta))
+    if meta["vocab_size"] < meta["vocab_size_requested"]:
+        print(f"note: vocabulary clamped: --vocab-size {meta['vocab_size_requested']} requested, but the corpus "
+              f"yields only {meta['vocab_size']} tokens (every merge with frequency >= {meta['min_frequency']})",
+              file=sys.stderr)
     print(f"wrote {Path(args.out)}")
     return 0
 

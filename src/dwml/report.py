@@ -46,9 +46,9 @@ STAR = " ★"
 def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) -> list[dict]:
     """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
 
-    Row: {"name", "arch", "params", "omega", "valid_loss", "zero_shot": {task: %}, "zero_shot_mean",
-          "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean", "zero_shot_ties",
-          "glue": {task: score}, "glue_avg"}; missing numbers are None.
+    Row: {"name", "arch", "params", "omega", "valid_loss", "plateau_exit_step", "zero_shot": {task: %},
+          "zero_shot_mean", "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
+          "zero_shot_ties", "glue": {task: score}, "glue_avg"}; missing numbers are None.
     """
     scored = (evaluation or {}).get("models", {})
     tuned = (finetune or {}).get("models", {})
@@ -59,9 +59,11 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
         family = "MB-" if a.get("family") == "modernbert" else ""  # as dwml.model.Arch.name
         arch = f"{family}L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
         rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
+        rows[-1]["plateau_exit_step"] = p.get("plateau_exit_step")
     if len(peers) > 1:
         rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,
                          summary.get("valid_ensemble_loss"), scored, tuned))
+        rows[-1]["plateau_exit_step"] = None
     return rows
 
 
@@ -246,7 +248,8 @@ def _score_header(results: dict, tasks: list[str], glue_tasks: list[str]) -> lis
 def main_table(results: dict) -> str:
     """Table 1: each run's best peer (★) and ensemble."""
     tasks, glue = _tasks(results), _glue_tasks(results)
-    header = ["Run", "Method", "Model", "Params", "ω"] + _score_header(results, tasks, glue) + ["Valid loss"]
+    header = (["Run", "Method", "Model", "Params", "ω"] + _score_header(results, tasks, glue)
+              + ["Valid loss", "Plateau exit"])
     rows = []
     for run in done_runs(results):
         for r in run["models"]:
@@ -254,7 +257,7 @@ def main_table(results: dict) -> str:
                 continue
             name = r["name"] + (STAR if r["name"] == run["best"] and len(run["models"]) > 1 else "")
             rows.append([run["name"], run["method"], name, fmt_params(r["params"]), fmt(r["omega"], ".3f")]
-                        + _score_cells(r, tasks, glue) + [fmt(r["valid_loss"], ".3f")])
+                        + _score_cells(r, tasks, glue) + [fmt(r["valid_loss"], ".3f"), _exit_cell(r)])
     return md_table(header, rows)
 
 
@@ -262,15 +265,41 @@ def peer_table(results: dict) -> str:
     """Table 2: every peer and ensemble of every run, GLUE per task when fine-tuned; best peer ★."""
     tasks, glue = _tasks(results), _glue_tasks(results)
     header = (["Run", "Method", "Model", "Architecture", "Params", "ω"] + _score_header(results, tasks, glue)
-              + glue + ["Valid loss"])
+              + glue + ["Valid loss", "Plateau exit"])
     rows = []
     for run in done_runs(results):
         for r in run["models"]:
             name = r["name"] + (STAR if r["name"] == run["best"] and len(run["models"]) > 1 else "")
             rows.append([run["name"], run["method"], name, r["arch"], fmt_params(r["params"]), fmt(r["omega"], ".3f")]
                         + _score_cells(r, tasks, glue) + [fmt(r["glue"].get(t), ".3f") for t in glue]
-                        + [fmt(r["valid_loss"], ".3f")])
+                        + [fmt(r["valid_loss"], ".3f"), _exit_cell(r)])
     return md_table(header, rows)
+
+
+def _exit_cell(row: dict) -> str:
+    """The step at which a model's validation loss first was 0.5 nats below the unigram entropy."""
+    if row["name"] == "ensemble" or "plateau_exit_step" not in row:
+        return "–"
+    return "never" if row["plateau_exit_step"] is None else str(row["plateau_exit_step"])
+
+
+def significance_table(results: dict) -> str:
+    """Each method's best peer and ensemble vs MLM per task: difference, 95% paired-bootstrap interval, verdict."""
+    sig = results.get("significance")
+    if not sig:
+        return "No evaluated `mlm` run to compare with (or no zero-shot evaluation)."
+    ref = sig["reference"]
+    rows = [[r["run"], r["method"], r["model"], TASK_LABELS.get(r["task"], r["task"]), f"{r['diff']:+.2f}",
+             f"[{r['low']:+.2f}, {r['high']:+.2f}]", "yes" if r["significant"] else "no"] for r in sig["rows"]]
+    level = 100 * sig.get("level", 0.95)
+    text = [f"Zero-shot macro accuracy minus that of `{ref['run']}` ({ref['model']}), in points; paired bootstrap over "
+            f"the items ({sig.get('n_boot', 0):,} replicates, resampled within each group, the same items for both "
+            f"models), {level:.0f}% percentile interval. \"Exceeds noise\" = the interval excludes 0 (dwml/stats.py).",
+            "", md_table(["Run", "Method", "Model", "Task", "Δ vs MLM", f"{level:.0f}% interval", "Exceeds noise"],
+                         rows)]
+    if sig.get("skipped"):
+        text += ["", "Not compared: " + "; ".join(sig["skipped"])]
+    return "\n".join(text)
 
 
 def sweep_table(results: dict) -> str:
@@ -370,7 +399,10 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     out += ["", "## Data and budget", "",
             f"Prepared data `{d['prepared']}`: vocabulary {d['vocab_size']:,}, {fmt(d.get('train_words'), ',')} "
             f"train words = {fmt(d.get('train_tokens'), ',')} tokens in {d['train_sequences']:,} packed sequences "
-            f"(mean length {d['mean_sequence_length']:.1f}), {fmt(d.get('valid_tokens'), ',')} valid tokens.",
+            f"(mean length {d['mean_sequence_length']:.1f}), {fmt(d.get('valid_tokens'), ',')} valid tokens. "
+            f"Unigram entropy of the train split: {fmt(d.get('unigram_entropy'), '.3f')} nats - the validation loss "
+            "of a model that has learned token frequencies only; column Plateau exit = the first validation step "
+            "with a loss 0.5 nats below it (never: the model did not get there).",
             "",
             "Same data and budget: every run trains on these data with the same steps, batch, gradient accumulation "
             "and sequence length, and the same seeded batch and mask stream, so every student sees the same tokens "
@@ -405,7 +437,10 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
         out.append(f"GLUE: fine-tuned {ft['models']} peer(s) on {', '.join(ft['tasks'])}, {ft['epochs']} epoch(s), "
                    f"at most {ft['max_train_examples'] or 'all'} train / {ft['max_eval_examples'] or 'all'} eval "
                    "examples (score = MCC for cola, F1 for mrpc/qqp, accuracy otherwise; average of tasks).")
-    out += ["", main_table(results), "", "## Table 2: every peer", "", peer_table(results)]
+    out += ["", main_table(results)]
+    if ev:
+        out += ["", "### Differences vs MLM: beyond evaluation noise?", "", significance_table(results)]
+    out += ["", "## Table 2: every peer", "", peer_table(results)]
     out += ["", "## Figure 3: ω over the outer steps", ""]
     out.append(f"![omega trajectories]({figures['omega']})" if "omega" in figures else
                "No learned-ω run with outer steps.")

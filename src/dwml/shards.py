@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from .errors import DwmlError
 from .io import atomic_path, read_json, write_json
-from .tokenizer import BOS_ID, EOS_ID, N_SPECIAL
+from .tokenizer import BOS_ID, EOS_ID, N_SPECIAL, text_pieces
 
 FORMAT = "dwml-shard-v1"
 META_FORMAT = "dwml-prepared-v1"  # meta.json of a prepared directory (written by dwml.prepare)
@@ -44,8 +44,27 @@ def dtype_for_vocab(vocab_size: int, dtype: str | None = None) -> np.dtype:
     return dt
 
 
+def _batches(texts: Sequence[str], batch_size: int, max_chars: int):
+    """(document index of each piece, pieces) in batches of at most `batch_size` pieces and about `max_chars`
+    characters: long documents are cut by `text_pieces`, so memory stays bounded whatever the line length."""
+    owners: list[int] = []
+    pieces: list[str] = []
+    chars = 0
+    for i, text in enumerate(texts):
+        for piece in text_pieces(text):
+            owners.append(i)
+            pieces.append(piece)
+            chars += len(piece)
+            if len(pieces) >= batch_size or chars >= max_chars:
+                yield owners, pieces
+                owners, pieces, chars = [], [], 0
+    if pieces:
+        yield owners, pieces
+
+
 def encode_documents(
-    tok: Tokenizer, texts: Sequence[str], *, dtype: np.dtype = np.uint32, batch_size: int = 8192
+    tok: Tokenizer, texts: Sequence[str], *, dtype: np.dtype = np.uint32, batch_size: int = 8192,
+    max_batch_chars: int = 1 << 21,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (concatenated, no specials) and int64 offsets (len n+1) of `texts`, via `encode_batch`."""
     chunks: list[np.ndarray] = []
@@ -54,11 +73,12 @@ def encode_documents(
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
-        for start in range(0, len(texts), batch_size):
-            encodings = tok.encode_batch(list(texts[start : start + batch_size]), add_special_tokens=False)
+        for owners, pieces in _batches(texts, batch_size, max_batch_chars):
+            encodings = tok.encode_batch(pieces, add_special_tokens=False)
             ids = [e.ids for e in encodings]
+            del encodings
             lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            lengths[start : start + len(ids)] = lens
+            np.add.at(lengths, np.asarray(owners, dtype=np.int64), lens)
             chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum())))
     finally:
         tok.encode_special_tokens = previous
@@ -117,6 +137,9 @@ def load_meta(prepared_dir: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise DwmlError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                         f"expected {META_FORMAT!r}")
+    v = meta.get("vocab_size")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= N_SPECIAL:
+        raise DwmlError(f"{path}: field 'vocab_size' missing or not an integer > {N_SPECIAL}, got {v!r}")
     return meta
 
 

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import rundir
+from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_peers_file, \
+    check_prepared_tokenizer, check_same_tokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
@@ -33,9 +35,12 @@ from .masking import BatchStream, MaskedBatch, Prefetcher
 from .methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
 from .metrics import MetricsLog
 from .model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
+from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
+from .schedule import lr_factor
 from .selfdistill import SelfDistillHeads
 from .shards import PackedSequences, load_meta
+from .tokenizer import copy_tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,7 +49,8 @@ from .shards import PackedSequences, load_meta
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
     """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
-    Presets and peer tables are built in `model.family`; a peers file carries its own family, which must match."""
+    Presets and peer tables are built in `model.family`; a peers file (or table) that names another family is an
+    error rather than a silent switch of the family."""
     m = cfg.model
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
@@ -56,10 +62,14 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
+        check_peers_file(m.peers_file, vocab_size, positions)
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
         elif isinstance(p, dict):
+            check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
+            if p.get("family", m.family) != m.family:  # e.g. searched peers of another family than this run's
+                raise DwmlError(f"model.peers[{i}]: a {p['family']} architecture, but model.family is {m.family}")
             archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
                                                               f"model.peers[{i}]")))
         else:
@@ -84,14 +94,6 @@ def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
-
-
-def lr_factor(step: int, t) -> float:
-    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
@@ -173,7 +175,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     bs = min(t.eval_batch_size, len(report))
     if bs < 1:
         raise DwmlError(f"{prepared}: valid split is empty")
-    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, **common)
+    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
+    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
+                          mask_prob=dcfg.eval_mask_prob)
     n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
     valid = [next(vstream) for _ in range(n_valid)]
     heldout = None
@@ -212,7 +216,9 @@ def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) ->
 
 def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
     """The loop. Each phase is one method of `Trainer`; `_loop` only decides when each runs."""
+    t0 = time.perf_counter()
     run = Trainer(cfg, rt)  # set-up: students, optimizers, omega, data streams
+    run.timings["setup"] = time.perf_counter() - t0
     try:
         return _loop(run, resume, stop_after)
     finally:
@@ -222,13 +228,15 @@ def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = N
 def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
     cfg, rt = run.cfg, run.rt
     t, d = cfg.train, cfg.distill
-    # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
-    run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
-    rt.barrier()
-    resumed = run.restore() if resume else False
-    run.open_log(resumed)
+    with run.phase("setup"):
+        # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.rundir).
+        run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+        rt.barrier()
+        resumed = run.restore() if resume else False
+        run.open_log(resumed)
     if run.step == 0 and rt.is_master:
-        run.initial_validation()
+        with run.phase("initial_validation"):
+            run.initial_validation()
     run.start_clock()
     bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress and rt.is_master), desc=t.method,
                dynamic_ncols=True)
@@ -240,9 +248,11 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
-            run.log_validation(bar)
+            with run.phase("validation"):
+                run.log_validation(bar)
         if step % t.save_every == 0 or step == t.max_steps:
-            run.save()
+            with run.phase("checkpoint"):
+                run.save()
         bar.update(1)
         if stop_after is not None and stop_after <= step < t.max_steps:
             bar.close()
@@ -268,8 +278,11 @@ class Trainer:
         t, d, method = cfg.train, cfg.distill, cfg.train.method
         self.run_dir = Path(cfg.out_dir)
         prepared = Path(cfg.data.prepared)
-        vocab_size = int(load_meta(prepared)["vocab_size"])
+        meta = load_meta(prepared)
+        vocab_size = int(meta["vocab_size"])
+        self.unigram = train_unigram_entropy(prepared, meta)  # the "frequencies only" loss, next to valid loss
         self.tokenizer_dir = prepared / "tokenizer"
+        self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
         self.archs = resolve_archs(cfg, vocab_size)
         n = len(self.archs)
 
@@ -311,12 +324,27 @@ class Trainer:
         self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
         self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
         self.log: MetricsLog | None = None
+        # NaN/inf losses and gradient norms: flags stay on the device, read on the steps that log, validate, save or
+        # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
+        cadences = (t.log_every, t.eval_every, t.save_every) + ((d.outer_every,) if self.learn_omega else ())
+        self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
+        self.timings: dict[str, float] = {}  # seconds per phase of this process, in final/summary.json
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the data threads (also on errors and interruptions)."""
         for stream in (self.batches.train, self.batches.heldout):
             if isinstance(stream, Prefetcher):
                 stream.close()
+        if self.log is not None:  # flush and close the TensorBoard writer
+            self.log.close()
 
     # -- resume -------------------------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -326,9 +354,7 @@ class Trainer:
             return False
         state = load_checkpoint(ckpts[-1])
         rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
-        if len(state["students"]) != len(self.students):
-            raise DwmlError(f"{ckpts[-1]}: checkpoint has {len(state['students'])} students, "
-                            f"config has {len(self.students)}")
+        check_checkpoint_matches(state, self.students, ckpts[-1])  # and a dwml state of these students' shapes
         for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
                              (self.schedulers, "schedulers")):
             for m, sd in zip(modules, state[key]):
@@ -349,7 +375,8 @@ class Trainer:
         if self.rt.is_master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master,
+                              tensorboard=self.cfg.train.tensorboard)
 
     def start_clock(self) -> None:
         self.loop_start = time.perf_counter()
@@ -363,19 +390,26 @@ class Trainer:
         return self.schedulers[0].get_last_lr()[0]
 
     # -- step ---------------------------------------------------------------------------------------------------
+    def attention_mask(self, batch: MaskedBatch) -> torch.Tensor:
+        """On CUDA the (B, 1, 1, T) boolean mask SDPA takes as it is: given the 2-D mask, transformers first checks
+        on the host whether it has padding at all (`mask.all()`), a GPU sync in every forward of every student."""
+        if self.rt.device.type != "cuda":
+            return batch.attention_mask
+        return batch.attention_mask[:, None, None, :].bool()
+
     def forward_all(self, batch: MaskedBatch, train_mode: bool, modules=None) -> list:
-        outs = []
+        outs, mask = [], self.attention_mask(batch)
         for m in modules or self.models:
             m.train(train_mode)
             with self.rt.autocast():
-                outs.append(m(batch.input_ids, batch.attention_mask, batch.positions))
+                outs.append(m(batch.input_ids, mask, batch.positions))
         return outs
 
     def teacher_logits(self, batch: MaskedBatch) -> torch.Tensor | None:
         if self.teacher is None:
             return None
         with torch.no_grad(), self.rt.autocast():
-            return masked_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.positions).float()
+            return masked_logits(self.teacher, batch.input_ids, self.attention_mask(batch), batch.positions)
 
     def next_batch(self, stream) -> MaskedBatch:
         """The next batch on the device; the time the loop waited for it counts into the log's data_wait_s."""
@@ -413,16 +447,20 @@ class Trainer:
                 loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
                                                  self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
+                self.guard.observe(loss)
             share = counts[micro] / sum(counts)
             for k, v in micro_parts.items():
                 parts[k] = parts[k] + v * share if k in parts else v * share
-        grad_norms = []
-        for s, o, sc in zip(self.students, self.optimizers, self.schedulers):
-            if t.grad_clip > 0:
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip))
-            o.step()
+        grad_norms = [torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip) for s in self.students] \
+            if t.grad_clip > 0 else []
+        self.guard.observe(grad_norms)
+        apply_update = self.guard.step_ok(self.step + 1)  # False only for a skipped step (max_nonfinite_skips)
+        for o, sc in zip(self.optimizers, self.schedulers):
+            if apply_update:
+                o.step()
             sc.step()
         self.step += 1
+        self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
         return StepStats(parts, grad_norms, micro_batches[-1])
 
     # -- outer step ---------------------------------------------------------------------------------------------
@@ -491,16 +529,18 @@ class Trainer:
 
     def initial_validation(self) -> None:
         first = self.validate()
-        self.log.write(step=0, **first, omega=self.omega.omega.tolist())
+        self.log.write(step=0, **first, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
         self.initial_valid = first["valid_loss"]
 
     def log_validation(self, bar) -> None:
         v = self.validate()
-        self.log.write(step=self.step, **v, omega=self.omega.omega.tolist())
-        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"]))
+        self.log.write(step=self.step, **v, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
+        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"])
+                  + f" (unigram entropy {self.unigram:.4f})")
 
     # -- checkpoint ---------------------------------------------------------------------------------------------
     def save(self) -> None:
+        self.guard.check(self.students, self.omega.omega)  # a checkpoint never holds NaN weights
         state = {
             "step": self.step,
             "students": [s.state_dict() for s in self.students],
@@ -529,23 +569,35 @@ class Trainer:
             torch.save({"students": [s.state_dict() for s in self.students], "omega": self.omega.omega.clone()},
                        Path(dump) / f"rank{rt.rank}.pt")
         summary: dict = {}
+        self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
         if rt.is_master:
-            final = self.validate()
+            self.timings["steps"] = self.elapsed() - self.elapsed_before - sum(
+                self.timings.get(k, 0.0) for k in ("validation", "checkpoint"))
+            with self.phase("final_validation"):
+                final = self.validate()
+            history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
+            exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
+                     for h, v in zip(history, final["valid_loss"])]
             summary = {
                 "method": self.cfg.train.method,
                 "steps": self.step,
                 "omega": self.omega.omega.tolist(),
                 "omega_learned": self.learn_omega,
                 "peers": [
-                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v}
-                    for (n, a), v in zip(self.archs, final["valid_loss"])
+                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v,
+                     "plateau_exit_step": x}
+                    for (n, a), v, x in zip(self.archs, final["valid_loss"], exits)
                 ],
+                "unigram_entropy": self.unigram,
                 "initial_valid_loss": self.initial_valid,
                 "train_seconds": self.elapsed(),
                 "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
                 "valid_ensemble_loss": final.get("valid_ensemble_loss"),
                 "tokenizer": str(self.tokenizer_dir),
+                "tokenizer_sha256": self.tokenizer_sha,
+                "timings_s": {k: round(v, 3) for k, v in self.timings.items()},  # export is not included
             }
+            check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
             export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
         rt.barrier()
         return summary
@@ -567,13 +619,11 @@ def _gather_rng(rt: Runtime):
 
 def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
     """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     with atomic_dir(run_dir / "final") as tmp:
         for i, s in enumerate(students):
             s.mlm.save_pretrained(tmp / f"peer{i}")
-            tok.save_pretrained(tmp / f"peer{i}")
+            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
         write_json(tmp / "summary.json", summary)

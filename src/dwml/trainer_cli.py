@@ -47,9 +47,14 @@ def run_train(args) -> int:
 def format_summary(summary: dict) -> str:
     lines = [f"method {summary['method']}: {summary['steps']} steps; omega = "
              + "[" + ", ".join(f"{w:.3f}" for w in summary["omega"]) + "]"]
-    lines.append(f"{'peer':<14}{'params':>12}{'valid loss':>12}")
+    lines.append(f"{'peer':<14}{'params':>12}{'valid loss':>12}{'plateau exit':>14}")
     for p in summary["peers"]:
-        lines.append(f"{p['name']:<14}{p['params']:>12,}{p['valid_loss']:>12.4f}")
+        step = p.get("plateau_exit_step")
+        lines.append(f"{p['name']:<14}{p['params']:>12,}{p['valid_loss']:>12.4f}"
+                     f"{'never' if step is None else step:>14}")
     if summary.get("valid_ensemble_loss") is not None:
         lines.append(f"{'ensemble':<14}{'':>12}{summary['valid_ensemble_loss']:>12.4f}")
+    if summary.get("unigram_entropy") is not None:
+        lines.append(f"unigram entropy of the train split {summary['unigram_entropy']:.4f} nats; plateau exit = first "
+                     f"validation step 0.5 nats below it")
     return "\n".join(lines)
