@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0, help="train.seed: initialisation, data order and masks")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_modernbert_"))
@@ -65,7 +66,8 @@ def main() -> int:
     base = {
         "data": {"prepared": str(args.prepared), "seq_len": args.seq_len},
         "model": {"preset": args.preset},
-        "train": {"method": "mlm", "batch_size": args.batch_size, "progress": False, "log_every": 10},
+        "train": {"method": "mlm", "batch_size": args.batch_size, "progress": False, "log_every": 10,
+                  "seed": args.seed},
     }
     params = {f: count_params(get_preset(args.preset, f).replace(vocab_size=vocab, max_positions=args.seq_len + 2))
               for f in FAMILIES}

@@ -40,14 +40,15 @@ def eval_pairs_per_s(arch_table: dict, vocab: int, seq_len: int, device: torch.d
     from dwml.evaldata import load_task
     from dwml.evaluate import score_pairs
     from dwml.model import Arch
-    from dwml.tokenizer import to_hf, train_tokenizer
+    from dwml.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     try:
         pairs = load_task("blimp_filtered", limit=limit)
     except DwmlError as e:
         print(f"eval: skipped ({e})")
         return None
-    tok = to_hf(train_tokenizer([p.good for p in pairs] + [p.bad for p in pairs], vocab_size=min(vocab, 8192)))
+    raw = train_tokenizer([p.good for p in pairs] + [p.bad for p in pairs], vocab_size=min(vocab, 8192))
+    tok = load_tokenizer(save_tokenizer(raw, Path(tempfile.mkdtemp(prefix="bench_tok_"))))
     model = build_model(Arch(vocab_size=vocab, max_positions=seq_len + 2, **arch_table), seed=0).to(device).eval()
     score_pairs(model, tok, pairs[:64], device=device)  # warm-up
     sync(device)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from dwml.config import RunConfig, from_dict, merge
 from dwml.flops import step_flops
@@ -35,6 +37,11 @@ def synthetic_prepared(out: Path, vocab_size: int, train_tokens: int, seed: int 
         lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), n_tokens)) + 1]
         tokens = rng.integers(N_SPECIAL, vocab_size, size=int(lengths.sum()))
         write_shard(out, split, tokens, np.concatenate([[0], np.cumsum(lengths)]), vocab_size=vocab_size)
+    # A word-level tokenizer with exactly vocab_size entries (specials first): the trainer checks that the prepared
+    # data's tokenizer matches its vocabulary; the benchmarks never decode text.
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(N_SPECIAL, vocab_size)}
+    (out / "tokenizer").mkdir(exist_ok=True)
+    Tokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer" / "tokenizer.json"))
     write_json(out / "meta.json", {"format": META_FORMAT, "vocab_size": vocab_size,
                                    "dtype": dtype_for_vocab(vocab_size).name,
                                    "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS)}})

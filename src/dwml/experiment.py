@@ -301,7 +301,7 @@ def resolve_run_config(cfg: ExperimentConfig, spec: RunSpec, exp_dir: Path, prep
         require(k >= 2 or spec.method not in PEER_METHODS,
                 f"{where}: method {spec.method} needs at least 2 peers, got {k} (raise search.peers)")
         family = d.get("model", {}).get("family", "roberta")
-        require(all(a.get("family", "roberta") == family for a in peer_archs[:k]),
+        require(all(a.get("family", family) == family for a in peer_archs[:k]),  # (a table without one inherits)
                 f"{where}: model.family is {family}, but the [search] peers are not; set [search] family")
         d = merge(d, {"model": {"peers": [dict(a) for a in peer_archs[:k]]}})
     if spec.teacher:

@@ -48,12 +48,14 @@ Gradient clipping: the real step clips each peer's gradient to norm `grad_clip` 
 Three exact ways to get the mixed term (`mode`), tested against each other and against finite differences; every
 mode supports every unroll. Measured cost of one outer step with the SGD unroll (CPU, `tiny` preset, held-out
 batch = train batch) in units of one inner DWML step:
-  "per_peer" (the config default): the M gradients grad_theta h_k by first-order backprop (their
+  "per_peer": the M gradients grad_theta h_k by first-order backprop (their
       omega-combination is the unrolled step's gradient), then M inner products with u. ~2.4 / 2.9 / 3.4-3.9 inner
       steps for M = 2 / 3 / 4, and nothing second-order: works when the attention kernel has no double backward
       (e.g. attn_implementation="flash_attention_2").
-  "double_backward": autograd through the create_graph gradient of L1 and through U itself (reverse-over-reverse;
-      it checks the closed-form dU/dg the other two modes use). ~2.8 inner steps for M = 2, 3, 4.
+  "double_backward" (the config default): autograd through the create_graph gradient of L1 and through U itself
+      (reverse-over-reverse; it checks the closed-form dU/dg the other two modes use). ~2.8 inner steps for
+      M = 2, 3, 4; with the AdamW unroll and the trainer's half-size outer batches the fastest of the three on the
+      CPU (benchmarks/bench_outer_modes.py: 1.65 vs jvp 1.70 vs per_peer 1.92 inner steps, M = 3; GPU unmeasured).
   "jvp": forward mode: <u, grad h_k> = d/de h_k(theta + e u), all k from one JVP; ~3.0-3.3 inner steps.
 The AdamW unroll adds a few elementwise passes over the parameters.
 "double_backward" and "jvp" run under the math SDPA backend (the fused flash/efficient SDPA kernels have neither

@@ -59,7 +59,7 @@ class Arch:
     def replace(self, **changes: Any) -> "Arch":
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
