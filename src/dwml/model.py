@@ -78,17 +78,18 @@ class Arch:
         prefix = "MB-" if self.family == "modernbert" else ""  # RoBERTa names stay as they always were
         return f"{prefix}L{self.layers}-A{self.heads}-H{self.hidden}-I{self.intermediate}"
 
+    def _hf_shape(self) -> dict[str, int]:
+        """The shape fields both families' Hugging Face configs spell alike."""
+        return dict(vocab_size=self.vocab_size, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, intermediate_size=self.intermediate,
+                    max_position_embeddings=self.max_positions)
+
     def to_hf_config(self, dropout: float | None = None, **overrides: Any) -> RobertaConfig | ModernBertConfig:
         """The Hugging Face config of this shape; `dropout` (None = HF's default) sets every dropout of the family."""
         if self.family == "modernbert":
             return self._modernbert_config(dropout, overrides)
         kwargs = dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            intermediate_size=self.intermediate,
-            max_position_embeddings=self.max_positions,
+            **self._hf_shape(),
             type_vocab_size=1,
             pad_token_id=1,
             bos_token_id=0,
@@ -126,12 +127,7 @@ class Arch:
 
         theta = 10_000.0
         kwargs: dict[str, Any] = dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            intermediate_size=self.intermediate,
-            max_position_embeddings=self.max_positions,
+            **self._hf_shape(),
             global_attn_every_n_layers=1,
             local_attention=2 * self.max_positions,
             global_rope_theta=theta,
