@@ -258,15 +258,15 @@ def check_checkpoint_matches(state: dict, students: Sequence[torch.nn.Module], p
         require(isinstance(sd, dict), f"{path}: student {i}: not a state dict")
         ours = s.state_dict()
         missing, extra = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        require(not missing and not extra, f"{path}: student {i} does not match the config's architecture "
-                                           f"(missing {missing[:3]}, unexpected {extra[:3]}); use another --out or "
-                                           f"--no-resume")
+        require(not missing and not extra, f"{path}: student {i} in the checkpoint has another architecture than "
+                                           f"the configured one (missing {missing[:3]}, unexpected {extra[:3]}); "
+                                           f"use another --out or --no-resume (the old run is moved aside)")
         for k, v in ours.items():
             theirs = sd[k]
             require(isinstance(theirs, torch.Tensor) and tuple(theirs.shape) == tuple(v.shape),
-                    f"{path}: student {i} {k}: shape {tuple(getattr(theirs, 'shape', ()))} in the checkpoint, "
-                    f"{tuple(v.shape)} in the config (another architecture or vocabulary); use another --out or "
-                    f"--no-resume")
+                    f"{path}: student {i} in the checkpoint has another architecture than the configured one ({k}: "
+                    f"shape {tuple(getattr(theirs, 'shape', ()))} in the checkpoint, {tuple(v.shape)} in the config; "
+                    f"another shape or vocabulary); use another --out or --no-resume (the old run is moved aside)")
     for key in ("optimizers", "schedulers"):
         require(isinstance(state.get(key), list) and len(state[key]) == len(students),
                 f"{path}: checkpoint field {key!r} does not hold one entry per student")

@@ -240,9 +240,10 @@ def config_changes(old_toml: str, cfg) -> list[str]:
     return changes
 
 
-def check_resume(path: str | Path, state: dict, cfg, run_id: str | None, students=()) -> None:
-    """Refuse to resume from checkpoint `path` when it belongs to another run or another configuration, or when
-    its students' tensors do not fit `students` (e.g. a peers file rewritten under the same name)."""
+def check_resume(path: str | Path, state: dict, cfg, run_id: str | None) -> None:
+    """Refuse to resume from checkpoint `path` when it belongs to another run or another configuration (whether its
+    students' tensors fit the configured ones, e.g. after a peers file was rewritten under the same name, is
+    `dwml.checks.check_checkpoint_matches`)."""
     theirs = state.get("run_id")
     if theirs and run_id and theirs != run_id:
         raise DwmlError(f"{path}: belongs to another run (run id {theirs}, this directory's is {run_id}); "
@@ -255,9 +256,3 @@ def check_resume(path: str | Path, state: dict, cfg, run_id: str | None, student
         raise DwmlError(f"{path}: the config changed since this run started ({'; '.join(changes)}); resuming "
                         "may only change train.max_steps, eval/log/save cadence, progress, device, compile and data.prefetch - "
                         "restore those values, or start over with --no-resume (the old run is moved aside)")
-    for i, (student, saved) in enumerate(zip(students, state["students"])):
-        mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, dict) else None
-        if mine != theirs:
-            raise DwmlError(f"{path}: student {i} in the checkpoint has another architecture than the configured "
-                            "one; start over with --no-resume (the old run is moved aside)")

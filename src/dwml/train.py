@@ -353,7 +353,7 @@ class Trainer:
         if not ckpts:
             return False
         state = load_checkpoint(ckpts[-1])
-        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id, self.students)  # same run, same config
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id)  # same run, same config
         check_checkpoint_matches(state, self.students, ckpts[-1])  # and a dwml state of these students' shapes
         for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
                              (self.schedulers, "schedulers")):
