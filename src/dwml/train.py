@@ -326,7 +326,8 @@ class Trainer:
         self.log: MetricsLog | None = None
         # NaN/inf losses and gradient norms: flags stay on the device, read on the steps that log, validate, save or
         # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
-        cadences = (t.log_every, t.eval_every, t.save_every) + ((d.outer_every,) if self.learn_omega else ())
+        # (Save steps are not listed: `save` runs the same check, with the weights', before it writes.)
+        cadences = (t.log_every, t.eval_every) + ((d.outer_every,) if self.learn_omega else ())
         self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
         self.timings: dict[str, float] = {}  # seconds per phase of this process, in final/summary.json
 
