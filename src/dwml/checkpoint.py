@@ -53,6 +53,17 @@ def _digest(obj: Any, h) -> None:
         h.update(f"O{type(obj).__name__}:{obj!r};".encode())
 
 
+def _to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor on the host (containers rebuilt, everything else as it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):  # exactly these: a namedtuple's constructor takes fields, not an iterable
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def state_checksum(state: dict[str, Any]) -> str:
     """SHA-256 of a checkpoint state's content, the `checksum` key itself excluded."""
     h = hashlib.sha256()
@@ -68,6 +79,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     """
     path = checkpoint_path(run_dir, step)
     clean_stale_temps(path.parent)  # a checkpoint half-written by a killed run (another step's name)
+    state = _to_cpu(state)  # one device -> host copy, shared by the checksum and torch.save
     state = {**state, "checksum": state_checksum(state)}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # through a file object: a full disk raises OSError(ENOSPC), not an opaque error
