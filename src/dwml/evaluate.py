@@ -28,7 +28,7 @@ from .runtime import resolve_device as runtime_resolve_device
 from .errors import DwmlError
 from .evaldata import EWOK_PAIRINGS, MinimalPair, TASKS, check_ewok_pairing, default_data_dir, load_task, parse_tasks
 from .io import check_output_file, write_json
-from .scoring import METHODS, PRECISIONS, PeerEnsemble, score_sentences
+from .scoring import METHODS, PRECISIONS, PeerEnsemble, check_precision, score_sentences
 
 DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"
 TIES_RULE = "correct"  # how `accuracy` / `macro_accuracy` count a tie (BabyLM); the strict_* numbers count it wrong
@@ -206,8 +206,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     """
     if method not in METHODS:
         raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
-    if precision not in PRECISIONS:
-        raise DwmlError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     check_ewok_pairing(ewok_pairing)
     task_names = parse_tasks(tasks)
     dev = resolve_device(device)

@@ -165,8 +165,7 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
     moves the model there (None: where the model already is). Duplicate (prefix, sentence) inputs are scored once.
     `precision`: `fp32` (true fp32) or `bf16` (autocast); see the module docstring.
     """
-    if precision not in PRECISIONS:
-        raise DwmlError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     texts, prefix_chars, index = _unique_texts(sentences, prefixes, prefix_sep)
     device = _place(model, device)
     copies = cached_masked_copies(tokenizer, texts, prefix_chars, method, _max_tokens(model))
@@ -296,6 +295,11 @@ class PeerEnsemble(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise DwmlError(f"--precision: expected one of {list(PRECISIONS)}, got {precision!r}")
 
 
 def _check_method(method: str) -> None:
