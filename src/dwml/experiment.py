@@ -417,11 +417,12 @@ def ensure_data(cfg: ExperimentConfig, exp_dir: Path, log: Callable[[str], None]
 
 def search_settings(cfg: ExperimentConfig, vocab_size: int):
     """The [search] config with the data's vocabulary and the runs' positions filled in."""
-    seq_len = from_dict(RunConfig, cfg.base, "base").data.seq_len
+    base = from_dict(RunConfig, cfg.base, "base")
+    seq_len = base.data.seq_len
     from .model import POSITION_OFFSET
 
     s = cfg.search
-    family = s.family or from_dict(RunConfig, cfg.base, "base").model.family  # the peers of [base]'s family
+    family = s.family or base.model.family  # the peers of [base]'s family
     return dataclasses.replace(s, vocab_size=s.vocab_size or vocab_size, family=family,
                                max_positions=s.max_positions or seq_len + POSITION_OFFSET)
 
