@@ -51,6 +51,7 @@ from .config import METHODS, DistillConfig, RunConfig, from_dict, merge, parse_s
 from .errors import DwmlError, require
 from .finetune import FinetuneConfig
 from .io import claim_dir, write_json
+from .metrics import read_records
 
 SECTIONS = ("data", "model", "train", "distill")  # RunConfig tables a run may override
 PEER_METHODS = ("dml", "dwml", "kd_dwml")
@@ -570,11 +571,7 @@ def omega_trajectory(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {"outer_step": [], "omega": []}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            break
+    for r in read_records(path):
         if r.get("step") == 0 and not steps and "omega" in r:
             steps.append(0)
             omegas.append(r["omega"])

@@ -67,6 +67,20 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, up to a torn last line (a killed run's); [] when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint's step are dropped.
 

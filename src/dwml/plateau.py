@@ -11,7 +11,6 @@ specials anyway (packing adds <s>/</s>).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -59,15 +58,10 @@ def plateau_exit_step(valid_records: list[tuple[int, float]], entropy: float,
 
 def valid_history(metrics_path: str | Path, n_students: int) -> list[list[tuple[int, float]]]:
     """(step, valid loss) of every student from a run's metrics.jsonl (records with `valid_loss`)."""
+    from .metrics import read_records
+
     history: list[list[tuple[int, float]]] = [[] for _ in range(n_students)]
-    path = Path(metrics_path)
-    if not path.is_file():
-        return history
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line
+    for rec in read_records(metrics_path):
         losses = rec.get("valid_loss")
         if isinstance(losses, list) and len(losses) == n_students:
             for i, x in enumerate(losses):
