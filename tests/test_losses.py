@@ -272,3 +272,28 @@ def test_dwml_inner_loss_equals_pairwise_dwml_loss(temperature, n):
     weighted = torch.autograd.grad(0.3 * dwml_inner_loss(zs, labels, omega, 0.4, temperature)[0], zs)
     for g, r in zip(weighted, ref_grads):
         torch.testing.assert_close(g, 0.3 * r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlm_loss_fused_cpu_path_matches_cross_entropy(dtype):
+    """On the CPU with a gradient wanted, mlm_loss takes the fused closed-form path: same value and gradient as
+    F.cross_entropy (several chunks, labels anywhere in the vocabulary), scaled by an outer weight; a second
+    derivative raises instead of silently being 0."""
+    from dwml import losses
+
+    torch.manual_seed(1)
+    z = (3 * torch.randn(losses._ROW_CHUNK * 3 + 5, 50, dtype=dtype)).requires_grad_(True)
+    labels = torch.randint(0, 50, (z.shape[0],))
+    fused = losses.mlm_loss(z, labels)
+    assert fused.grad_fn is not None and "FusedPeerLoss" in type(fused.grad_fn).__name__
+    (g,) = torch.autograd.grad(0.7 * fused, z)
+    ref = torch.nn.functional.cross_entropy(z, labels)
+    (g_ref,) = torch.autograd.grad(0.7 * ref, z)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, ref, **tol)
+    torch.testing.assert_close(g, g_ref, **tol)
+    with torch.no_grad():  # no gradient wanted: the plain path
+        torch.testing.assert_close(losses.mlm_loss(z, labels), ref.detach(), **tol)
+    (g1,) = torch.autograd.grad(losses.mlm_loss(z, labels), z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g1.sum(), z)
