@@ -297,3 +297,44 @@ def test_mlm_loss_fused_cpu_path_matches_cross_entropy(dtype):
     (g1,) = torch.autograd.grad(losses.mlm_loss(z, labels), z, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g1.sum(), z)
+
+
+@pytest.mark.parametrize("temperature, n", [(1.0, 7), (2.0, 100), (0.5, 100)])
+def test_dwml_coefficients_outer_matches_autograd_reference(temperature, n):
+    """The outer step's closed-form coefficients (several chunks at n = 100) against `dwml_coefficients` under plain
+    autograd, float64: the value h, the gradient for a cotangent a, the derivative of that gradient in a (what the
+    double_backward hypergradient takes), and the forward-mode derivative (the jvp hypergradient)."""
+    from torch.func import jvp
+
+    from dwml.losses import dwml_coefficients_outer
+
+    torch.manual_seed(3)
+    zs = [(2 * torch.randn(n, 13, dtype=torch.float64)).requires_grad_(True) for _ in range(3)]
+    labels = torch.randint(0, 13, (n,))
+    alpha = 0.35
+
+    def ref(*z):
+        return dwml_coefficients(list(z), labels, alpha, temperature, detach_targets=True)[0]
+
+    def fast(*z):
+        return dwml_coefficients_outer(list(z), labels, alpha, temperature)
+
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast(*zs), ref(*zs), **tol)
+    cot = torch.tensor([0.5, -0.2, 0.9], dtype=torch.float64)
+    a1, a2 = cot.clone().requires_grad_(True), cot.clone().requires_grad_(True)
+    g_fast = torch.autograd.grad(fast(*zs), zs, grad_outputs=a1, create_graph=True)
+    g_ref = torch.autograd.grad(ref(*zs), zs, grad_outputs=a2, create_graph=True)
+    for g, r in zip(g_fast, g_ref):
+        torch.testing.assert_close(g, r, **tol)
+    vs = [torch.randn_like(z) for z in zs]
+    (d_fast,) = torch.autograd.grad(g_fast, a1, grad_outputs=vs, retain_graph=True)
+    (d_ref,) = torch.autograd.grad(g_ref, a2, grad_outputs=vs)
+    torch.testing.assert_close(d_fast, d_ref, **tol)
+    with pytest.raises(RuntimeError):  # no second derivative through the logits: an error, never a silent 0
+        torch.autograd.grad(g_fast, zs, grad_outputs=vs)
+    tangents = tuple(torch.randn_like(z) for z in zs)
+    primals = tuple(z.detach() for z in zs)
+    _, t_fast = jvp(fast, primals, tangents)
+    _, t_ref = jvp(ref, primals, tangents)
+    torch.testing.assert_close(t_fast, t_ref, **tol)

@@ -76,7 +76,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DwmlError, require
-from .losses import ENSEMBLE_KINDS, dwml_coefficients, ensemble_loss, kl_div
+from .losses import ENSEMBLE_KINDS, dwml_coefficients, dwml_coefficients_outer, ensemble_loss, kl_div
 from .model import masked_logits
 
 MODES = ("per_peer", "double_backward", "jvp")
@@ -330,6 +330,8 @@ def hypergradient(
         ]
 
     def coefficients(logits_list: list[torch.Tensor]) -> torch.Tensor:
+        if detach_targets:  # closed-form derivatives in cache-sized chunks; the same values (tests/test_losses.py)
+            return dwml_coefficients_outer(logits_list, train_batch.labels, alpha, temperature)
         return dwml_coefficients(logits_list, train_batch.labels, alpha, temperature, detach_targets)[0]
 
     def teacher_term(logits_list: list[torch.Tensor]) -> torch.Tensor:

@@ -135,6 +135,138 @@ def dwml_coefficients(
     return h, ce, kl
 
 
+def _mixture(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k p_k over the first dimension of p, elementwise: a matmul would run in TF32 on a GPU (the trainer
+    enables it), which is too coarse for a term of the gradient."""
+    mix = p[0] * w[0]
+    for k in range(1, p.shape[0]):
+        mix.addcmul_(p[k], w[k])
+    return mix
+
+
+def _chunks(n: int, z: torch.Tensor, num_peers: int):
+    chunk = _row_chunk(z, num_peers)
+    return [slice(start, start + chunk) for start in range(0, n, chunk)]
+
+
+def _coefficient_jvp(labels, alpha: float, temperature: float, p1, p, cs) -> torch.Tensor:
+    """sum_i <c_i, dh_k/dz_i> for every k (M,): the derivative of h along logit directions c_i, which is also the
+    derivative of h's closed-form gradient with respect to its cotangent (see `_DWMLCoefficients`).
+
+        dh_k/dz_i = [(1 - alpha) delta_ik (p1_k - onehot(y)) + alpha T (p_i - p_k)] / N   (per row)
+    """
+    num_peers, n = p1.shape[0], p1.shape[1]
+    out = p1.new_zeros(num_peers)
+    for rows in _chunks(n, p1[0], num_peers):
+        cc = [c[rows] for c in cs]
+        total_c = torch.stack(cc).sum(0)
+        pt = p[:, rows]
+        for k in range(num_peers):
+            ck = cc[k].flatten()
+            ce_k = torch.vdot(ck, p1[k, rows].flatten()) - cc[k].gather(-1, labels[rows].view(-1, 1)).sum()
+            kl_k = sum(torch.vdot(cc[i].flatten(), pt[i].flatten()) for i in range(num_peers)) \
+                - torch.vdot(total_c.flatten(), pt[k].flatten())
+            out[k] += (1.0 - alpha) * ce_k + alpha * temperature * kl_k
+    return out / n
+
+
+class _DWMLCoefficientsGrad(torch.autograd.Function):
+    """The closed-form gradient of h (below) for a cotangent a (M,):
+
+        dz_i = sum_k a_k dh_k/dz_i = [(1 - alpha) a_i (p1_i - onehot(y)) + alpha T (A p_i - sum_k a_k p_k)] / N
+
+    with A = sum_k a_k; differentiable in a (it is linear in a; the derivative is `_coefficient_jvp`), which is all
+    the outer step's second derivative needs: there a = omega and the mixed term is d(dz)/domega. The softmaxes are
+    held constant, so a second derivative through the logits is not available here (`dwml_coefficients` has it).
+    """
+
+    @staticmethod
+    def forward(a, labels, alpha, temperature, p1, p):
+        num_peers, n = p1.shape[0], p1.shape[1]
+        dz = (p1 * ((1.0 - alpha) * a / n).view(-1, 1, 1)).add_(p * (alpha * temperature * a.sum() / n))
+        dz.sub_(_mixture(a, p), alpha=alpha * temperature / n)
+        index = labels.view(1, -1, 1).expand(num_peers, -1, 1)
+        dz.scatter_add_(-1, index, (-(1.0 - alpha) * a / n).view(-1, 1, 1).expand(-1, n, 1))
+        return tuple(dz.unbind(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, labels, alpha, temperature, p1, p = inputs
+        ctx.save_for_backward(labels, p1, p)
+        ctx.alpha, ctx.temperature = alpha, temperature
+
+    @staticmethod
+    def backward(ctx, *cs):
+        labels, p1, p = ctx.saved_tensors
+        cs = [torch.zeros_like(p1[0]) if c is None else c for c in cs]
+        return _coefficient_jvp(labels, ctx.alpha, ctx.temperature, p1, p, cs), None, None, None, None, None
+
+
+class _DWMLCoefficients(torch.autograd.Function):
+    """h (M,) of `dwml_coefficients` with constant KL targets, formed in row chunks with closed-form derivatives:
+    a first one whose own derivative in the cotangent is exact (`_DWMLCoefficientsGrad`: the outer step's
+    double_backward mode) and a forward-mode one (the jvp mode). Same formulas as `_FusedPeerLoss`:
+
+        CE_k = lse1_k - z_k[y],   sum_v p_k log p_i = <z_i, p_k> / T - lse_i   (per row; p at temperature T)
+    """
+
+    @staticmethod
+    def forward(labels, alpha: float, temperature: float, *zs):
+        num_peers, n, t = len(zs), zs[0].shape[0], temperature
+        p1 = zs[0].new_empty((num_peers, *zs[0].shape))
+        p = p1 if t == 1.0 else torch.empty_like(p1)
+        ce = zs[0].new_zeros(num_peers)
+        z_p = zs[0].new_zeros((num_peers, num_peers))  # z_p[k, i] = sum over rows of <z_i, p_k>
+        lse = zs[0].new_zeros(num_peers)  # sum over rows of lse(z_i / T)
+        for rows in _chunks(n, zs[0], num_peers):
+            for i, z in enumerate(zs):
+                lse1 = _softmax_lse(z[rows], 1.0, out=p1[i, rows]).sum()
+                ce[i] += lse1 - z[rows].gather(-1, labels[rows].view(-1, 1)).sum()
+                lse[i] += lse1 if p is p1 else _softmax_lse(z[rows], t, out=p[i, rows]).sum()
+            for i, z in enumerate(zs):
+                zi = z[rows].flatten()
+                for k in range(num_peers):
+                    z_p[k, i] += torch.vdot(zi, p[k, rows].flatten())
+        cross = z_p / t - lse  # cross[k, i] = sum over rows of sum_v p_k log p_i
+        kl = (cross.diagonal()[:, None] - cross) / n  # kl[k, i] = KL(p_k || p_i), zero diagonal
+        return (1.0 - alpha) * ce / n + alpha * t**2 * kl.sum(1), p1, p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        labels, alpha, temperature = inputs[:3]
+        _, p1, p = output
+        ctx.mark_non_differentiable(p1, p)
+        ctx.save_for_backward(labels, p1, p)
+        ctx.save_for_forward(labels, p1, p)
+        ctx.alpha, ctx.temperature = alpha, temperature
+
+    @staticmethod
+    def backward(ctx, grad_h, _p1, _p):
+        labels, p1, p = ctx.saved_tensors
+        return None, None, None, *_DWMLCoefficientsGrad.apply(grad_h, labels, ctx.alpha, ctx.temperature, p1, p)
+
+    @staticmethod
+    def jvp(ctx, _labels, _alpha, _temperature, *tangents):
+        labels, p1, p = ctx.saved_tensors
+        return _coefficient_jvp(labels, ctx.alpha, ctx.temperature, p1, p, tangents), None, None
+
+
+def dwml_coefficients_outer(
+    logits_list: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """h (M,) of `dwml_coefficients` with constant KL targets, for the outer step (`dwml.hypergrad`): the same value
+    and the derivatives it takes (the gradient, the gradient's derivative in omega, a JVP) in closed form, in
+    cache-sized chunks instead of autograd over O(M^2) (M, N, V) temporaries. A second derivative through the
+    logits is not available (tested: `tests/test_losses.py`).
+    """
+    _check_alpha_temperature(alpha, temperature)
+    require(len(logits_list) >= 1, "dwml: expected at least one peer")
+    return _DWMLCoefficients.apply(labels, float(alpha), float(temperature), *[_upcast(x) for x in logits_list])[0]
+
+
 def dwml_loss(
     logits_list: Sequence[torch.Tensor],
     labels: torch.Tensor,
@@ -217,7 +349,7 @@ class _FusedPeerLoss(torch.autograd.Function):
                     lse_t[i] += lse1 if p_t is None else _softmax_lse(z[rows], t, out=p_t[i, : yc.numel()]).sum()
             if alpha > 0:
                 p = g if p_t is None else p_t[:, : yc.numel()]
-                mix = torch.einsum("m,mrv->rv", w, p)  # P
+                mix = _mixture(w, p)  # P
                 for i, z in enumerate(zs):
                     z_p[i] += torch.vdot(z[rows].flatten(), p[i].flatten())
                     z_mix[i] += torch.vdot(z[rows].flatten(), mix.flatten())
