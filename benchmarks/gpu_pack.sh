@@ -10,9 +10,9 @@
 #   .gpu/eval/          blimp_filtered/, blimp_supplement/ (jsonl as-is) and ewok/ewok_data_babylm.zip (the password
 #                       zip as-is, never extracted): DWML_EVAL_DATA=.gpu/eval. No fast subset is needed (the
 #                       benchmarks and the CPU smoke run read the full sets with a limit).
-#   .gpu/whl/           the bayesian-optimization wheel (the version installed here), which `dwml search` needs and
-#                       the device image lacks; its other requirements (numpy, scipy, scikit-learn, packaging,
-#                       colorama) are on the image.
+#   .gpu/whl/           wheels the device image lacks: bayesian-optimization (the version installed here; `dwml
+#                       search` needs it) and nvidia-ml-py (GPU utilisation sampling); gpu_session.sh installs them
+#                       with `pip install --no-index --no-deps --target`.
 #   .gpu/peers.json     the experiment's [search] result computed here: used on the device only if bayes_opt cannot
 #                       be imported there (the session says so; the search is then not timed on the device).
 #
@@ -71,23 +71,28 @@ for set in blimp_filtered blimp_supplement; do
 done
 copy "$SHARED/eval/ewok" "$PACK/eval/ewok" ewok_data_babylm.zip SOURCE.txt TERMS_OF_USE.txt LICENSE.txt
 
-# 3. The bayesian-optimization wheel, the version installed here.
-version=$(python3 -c "from importlib.metadata import version; print(version('bayesian-optimization'))")
-wheel=$(ls "$PACK"/whl/bayesian_optimization-"$version"-*.whl 2>/dev/null | head -1 || true)
-if [ -z "$wheel" ]; then
-    rm -f "$PACK"/whl/bayesian_optimization-*.whl
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        -d "$PACK/whl" "bayesian-optimization==$version"
-    wheel=$(ls "$PACK"/whl/bayesian_optimization-"$version"-*.whl)
-fi
-# Every requirement (other than extras) must be on the device image already.
+# 3. Wheels the device image lacks (pure Python): bayesian-optimization, the version installed here, for `dwml search`;
+#    nvidia-ml-py (pynvml) so that training samples GPU utilisation and memory (timing_<run>.json; without it those
+#    stay empty). Every requirement of theirs (extras aside) must be on the image already.
 on_image="numpy scipy scikit-learn packaging colorama"
-missing=$(unzip -p "$wheel" '*/METADATA' | sed -n 's/^Requires-Dist: *//p' | grep -v "extra *==" \
-          | sed 's/[ <>=!~;\[].*//' | sort -u | while read -r dep; do
-              case " $on_image " in *" $dep "*) ;; *) echo "$dep" ;; esac
-          done)
-[ -z "$missing" ] || { echo "gpu_pack: $wheel requires $missing, not known to be on the device image" >&2; exit 1; }
-echo "gpu_pack: $(basename "$wheel") (requires only: $on_image)"
+wheel() {  # wheel DIST VERSION
+    local dist=$1 version=$2 file missing
+    file=$(ls "$PACK"/whl/"${dist//-/_}"-"$version"-*.whl 2>/dev/null | head -1 || true)
+    if [ -z "$file" ]; then
+        rm -f "$PACK"/whl/"${dist//-/_}"-*.whl
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            -d "$PACK/whl" "$dist==$version" 2>&1 | grep -v "^WARNING: Location" || true
+        file=$(ls "$PACK"/whl/"${dist//-/_}"-"$version"-*.whl)
+    fi
+    missing=$(unzip -p "$file" '*/METADATA' | sed -n 's/^Requires-Dist: *//p' | { grep -v "extra *==" || true; } \
+              | sed 's/[ <>=!~;[].*//' | sort -u | while read -r dep; do
+                  case " $on_image " in *" $dep "*) ;; *) echo "$dep" ;; esac
+              done)
+    [ -z "$missing" ] || { echo "gpu_pack: $file requires $missing, not known to be on the device image" >&2; exit 1; }
+    echo "gpu_pack: $(basename "$file")"
+}
+wheel bayesian-optimization "$(python3 -c "from importlib.metadata import version; print(version('bayesian-optimization'))")"
+wheel nvidia-ml-py 13.615.71
 
 # 4. Sizes.
 du -sh "$PACK"/data "$PACK"/eval "$PACK"/whl "$PACK"/peers.json | sed 's/^/gpu_pack: /'
