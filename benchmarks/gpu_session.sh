@@ -14,10 +14,11 @@
 # results.json, experiment.tar.gz):
 #   compare  issue 9: nvidia-smi and versions, then `dwml experiment configs/gpu-compare-9min.toml` (prepared data
 #            from .gpu/data, so the device does not prepare; the 4 peers are searched there) under `timeout`
-#            (DWML_GPU_EXP_TIMEOUT, default 545 s); wall time measured here with `date +%s`; if it did not finish,
-#            `--report-only` builds a report of what did. Then report.md, results.json, experiment.tar.gz (peers.json,
-#            eval/timing/flops JSONs, figures, each run's config, metrics.jsonl and summaries; no weights) and the key
-#            numbers with issue 9's acceptance checks (benchmarks/gpu_summary.py).
+#            (DWML_GPU_EXP_TIMEOUT, default 540 s: the target itself); wall time measured here with `date +%s`; if
+#            it did not finish, `--report-only` (30 s at most) builds a report of what did. Then report.md,
+#            results.json, experiment.tar.gz (peers.json, eval/timing/flops JSONs, figures, each run's config,
+#            metrics.jsonl and summaries; no weights) and the key numbers with issue 9's acceptance checks
+#            (benchmarks/gpu_summary.py).
 #   bench [BUDGET_S [NAMES]]  issue 10, in priority order, each under its own timeout and all within BUDGET_S
 #            (default 300): throughput (bench_throughput.py), eval_sets (bench_eval_sets.py, the 48.7M peer on the
 #            three full sets), startup (bench_startup.py), outer_modes (bench_outer_modes.py --gpu-peers). A bench
@@ -75,7 +76,8 @@ fi
 SITE=$WORK/site
 LOG=$OUT/session.log
 SUMMARY=$OUT/summary.txt
-export DWML_EVAL_DATA=$PACK/eval PYTHONUNBUFFERED=1
+# No hub look-ups (the device reaches no network: a look-up would only wait for its timeout).
+export DWML_EVAL_DATA=$PACK/eval PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 note() { echo "$*" >> "$SUMMARY"; echo "[gpu_session] $*"; }
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -95,7 +97,7 @@ setup() {
     python3 - <<'EOF'
 import importlib, platform, os
 print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
-for mod in ("torch", "transformers", "tokenizers", "numpy", "scipy", "sklearn", "bayes_opt", "pynvml"):
+for mod in ("dwml", "torch", "transformers", "tokenizers", "numpy", "scipy", "sklearn", "bayes_opt", "pynvml"):
     try:
         m = importlib.import_module(mod)
         print(f"  {mod} {getattr(m, '__version__', '?')}  ({os.path.dirname(m.__file__)})")
@@ -112,7 +114,7 @@ EOF
 
 # ---------------------------------------------------------------------------------------------------------- compare
 stage_compare() {
-    local config=configs/gpu-compare-9min.toml exp=runs/gpu-compare-9min limit=${DWML_GPU_EXP_TIMEOUT:-545}
+    local config=configs/gpu-compare-9min.toml exp=runs/gpu-compare-9min limit=${DWML_GPU_EXP_TIMEOUT:-540}
     local sets=() start rc wall
     if [ "$SMOKE" = 1 ]; then  # tests/test_gpu_config.py's shrink, sized for vocab 16,384; the same stages
         exp=$WORK/exp
@@ -140,13 +142,13 @@ stage_compare() {
     fi
     echo "== dwml experiment $config ${sets[*]} (timeout ${limit} s)"
     start=$(date +%s)
-    timeout -k 10 "$limit" python3 -m dwml.cli experiment "$config" "${sets[@]}"
+    timeout -k 5 "$limit" python3 -m dwml.cli experiment "$config" "${sets[@]}"
     rc=$?
     wall=$(( $(date +%s) - start ))
     note "compare: dwml experiment exit $rc after $wall s (timeout $limit s$([ $rc = 124 ] && echo ': TIMED OUT'))"
-    if [ $rc != 0 ] && [ -f "$exp/data/meta.json" ]; then
+    if [ $rc != 0 ] && [ -f "$exp/data/meta.json" ] && [ -f "$exp/peers.json" ]; then  # (no peers: no plan)
         echo "== report of what finished (--report-only)"
-        timeout -k 5 40 python3 -m dwml.cli experiment "$config" "${sets[@]}" --report-only \
+        timeout -k 5 30 python3 -m dwml.cli experiment "$config" "${sets[@]}" --report-only \
             || note "compare: --report-only failed too (exit $?)"
     fi
     local f
