@@ -7,7 +7,9 @@
 
 Model: a randomly initialised RoBERTa of the given shape (scoring cost does not depend on the weights); default
 L5 H768 I3072 with a 16,384-token vocabulary = the 48.7M peer of `dwml search --reference base --peers 4 --vocab-size
-16384`. Tokenizer: byte-level BPE trained here on real corpus lines (as `bench_scorer.py`). "cold" clears the
+16384`. Tokenizer: byte-level BPE trained here on real corpus lines (as `bench_scorer.py`), or with --tokenizer a
+saved one, e.g. a `dwml prepare` directory (the GPU box has no corpus: benchmarks/gpu_session.sh passes the one of
+configs/gpu-compare-9min.toml's data, vocabulary 16,384, whose vocabulary size then wins). "cold" clears the
 in-process copy cache first, so it includes tokenising and building the masked copies; "cached" is the next model
 of the same `dwml eval` (peers, ensemble). Every number is measured in this run; the script estimates nothing.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from bench_scorer import train_tokenizer
@@ -35,13 +38,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--intermediate", type=int, default=3072)
     ap.add_argument("--vocab-size", type=int, default=16384)
+    ap.add_argument("--tokenizer", default=None,
+                    help="saved tokenizer or `dwml prepare` directory (default: train one on ../shared corpus lines)")
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--method", default="pll")
     args = ap.parse_args()
     device = resolve_device(args.device)
     tasks = parse_tasks(args.tasks)
 
-    tokenizer = train_tokenizer(args.vocab_size, n_lines=20_000)
+    if args.tokenizer:
+        from dwml.tokenizer import load_tokenizer
+
+        path = Path(args.tokenizer)
+        tokenizer = load_tokenizer(path / "tokenizer" if (path / "meta.json").is_file() else path)
+    else:
+        tokenizer = train_tokenizer(args.vocab_size, n_lines=20_000)
     arch = Arch(layers=args.layers, heads=args.heads, hidden=args.hidden, intermediate=args.intermediate,
                 vocab_size=len(tokenizer))
     model = build_model(arch, seed=0).eval().to(device)
