@@ -473,6 +473,13 @@ def run_search_to_file(cfg: SearchConfig, out: str | Path, reference: Arch | Non
 
 def load_peer_archs(path: str | Path) -> list[Arch]:
     """The peers' architectures from a `dwml search` JSON file, in peer order."""
+    return [arch for arch, _ in read_peers_file(path)]
+
+
+def read_peers_file(path: str | Path) -> list[tuple[Arch, dict]]:
+    """(Arch, its 'arch' table as written) of every peer of a `dwml search` JSON file, in peer order: the file is
+    read and parsed once, and a caller can still tell a vocab_size / max_positions the table leaves out (`Arch`
+    fills in defaults) from one it gives."""
     path = Path(path)
     if not path.is_file():
         raise DwmlError(f"{path}: peers file not found (write one with `dwml search --out`)")
@@ -487,7 +494,7 @@ def load_peer_archs(path: str | Path) -> list[Arch]:
     for k, p in enumerate(peers):
         if not isinstance(p, dict) or not isinstance(p.get("arch"), dict):
             raise DwmlError(f"{path}: peers[{k}]: expected an object with an 'arch' table")
-        archs.append(Arch.from_dict(p["arch"], f"{path}: peers[{k}].arch"))
+        archs.append((Arch.from_dict(p["arch"], f"{path}: peers[{k}].arch"), p["arch"]))
     return archs
 
 

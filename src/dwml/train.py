@@ -55,14 +55,15 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
     if m.peers_file:
-        from .search import load_peer_archs
+        from .search import read_peers_file
 
-        archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
+        peers = read_peers_file(m.peers_file)
+        archs = [(f"peer{i}", a) for i, (a, _) in enumerate(peers)]
         families = sorted({a.family for _, a in archs})
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
-        check_peers_file(m.peers_file, vocab_size, positions)
+        check_peers_file(m.peers_file, [table for _, table in peers], vocab_size, positions)
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
