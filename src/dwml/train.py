@@ -28,7 +28,7 @@ from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, c
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
-from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
+from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient, mixed_ratio
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
 from .masking import BatchStream, MaskedBatch, Prefetcher
@@ -488,11 +488,15 @@ class Trainer:
         if rt.ddp:  # every rank must take the same omega step: average the hypergradients
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
             g /= rt.world_size
+        # The outer step's one host read: the mirror descent step needs g on the host, the record the rest.
+        m = g.numel()
+        host = torch.cat([g, info["direct"], info["mixed"], info["l2"].reshape(1).to(g.dtype)]).cpu()
+        g, direct, mixed, l2 = host[:m], host[m : 2 * m], host[2 * m : 3 * m], float(host[3 * m])
+        ratio = mixed_ratio(direct, mixed)
         self.omega.update(g, self.mirror)
         self.omega_device = self.omega.omega.to(rt.device)
-        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
-                    l2=float(info.get("l2", float("nan"))),
-                    mixed_ratio=info["mixed_ratio"] if math.isfinite(info["mixed_ratio"]) else None)
+        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(), l2=l2,
+                    mixed_ratio=ratio if math.isfinite(ratio) else None)
 
     # -- log and validation -------------------------------------------------------------------------------------
     def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
