@@ -76,7 +76,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DwmlError, require
-from .losses import ENSEMBLE_KINDS, dwml_coefficients, ensemble_loss, kl_div
+from .losses import ENSEMBLE_KINDS, dwml_coefficients, ensemble_loss, teacher_term
 from .model import masked_logits
 
 MODES = ("per_peer", "double_backward", "jvp")
@@ -352,10 +352,9 @@ def hypergradient(
     def coefficients(logits_list: list[torch.Tensor]) -> torch.Tensor:
         return dwml_coefficients(logits_list, train_batch.labels, alpha, temperature, detach_targets)[0]
 
-    def teacher_term(logits_list: list[torch.Tensor]) -> torch.Tensor:
-        """kd_dwml's beta T^2 sum_i KL(teacher || p_i): part of the inner gradient, independent of omega."""
-        target = teacher_logits.detach()
-        return teacher_weight * temperature**2 * sum(kl_div(target, z, temperature) for z in logits_list)
+    def teacher_loss(logits_list: list[torch.Tensor]) -> torch.Tensor:
+        """kd_dwml's teacher term (`losses.teacher_term`): part of the inner gradient, independent of omega."""
+        return teacher_term(logits_list, teacher_logits, teacher_weight, temperature)[0]
 
     def outer_loss(theta_prime: Sequence[torch.Tensor], w2: torch.Tensor) -> torch.Tensor:
         return ensemble_loss(run(theta_prime, held_in), heldout_batch.labels, w2, kind=l2_kind)
@@ -369,7 +368,7 @@ def hypergradient(
             w1 = omega.clone().requires_grad_(True)
             logits = [forward(m, *train_in) for m in models]
             h = coefficients(logits)
-            l1 = (w1.to(h.dtype) * h).sum() + (teacher_term(logits) if use_teacher else 0.0)
+            l1 = (w1.to(h.dtype) * h).sum() + (teacher_loss(logits) if use_teacher else 0.0)
             grads = torch.autograd.grad(l1, params, create_graph=True, materialize_grads=True)
             theta_prime = step.apply(grads)
             l2 = outer_loss(theta_prime, w2)
@@ -380,7 +379,7 @@ def hypergradient(
             logits = [forward(m, *train_in) for m in models]
             h = coefficients(logits)
             w = omega.to(h.dtype)
-            c = teacher_term(logits) if use_teacher else None
+            c = teacher_loss(logits) if use_teacher else None
             l1 = (w * h).sum() + (c if c is not None else 0.0)
             if mode == "per_peer" and unroll != "direct":
                 # grad_theta h_k for every k; the inner step's gradient is their omega-combination (L1 is linear),

@@ -245,7 +245,7 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         lr = run.lr()
         stats = run.train_step()  # micro-batches -> backward -> clip -> one optimizer step per student
         step = run.step
-        record = run.outer_step(stats.batch, lr) if run.learn_omega and step % d.outer_every == 0 else {}
+        record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
@@ -264,11 +264,13 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
 
 @dataclass
 class StepStats:
-    """What one optimizer step leaves for the log: per-peer loss parts, gradient norms, its last micro-batch."""
+    """What one optimizer step leaves for the log and the outer step: per-peer loss parts, gradient norms, its last
+    micro-batch and, for a teacher method that learns omega (kd_dwml), the teacher's logits on that micro-batch."""
 
     parts: dict[str, torch.Tensor]  # per-peer numbers, still on the device
     grad_norms: list[torch.Tensor]
     batch: MaskedBatch
+    teacher_logits: torch.Tensor | None = None
 
 
 class Trainer:
@@ -446,8 +448,8 @@ class Trainer:
                     sync.enter_context(m.no_sync())
             with sync:
                 outs = self.forward_all(batch, train_mode=True)  # the losses upcast to fp32 where they need it
-                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
-                                                 self.cfg.distill)
+                teacher = self.teacher_logits(batch)
+                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, teacher, self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
                 self.guard.observe(loss)
             share = counts[micro] / sum(counts)
@@ -463,11 +465,12 @@ class Trainer:
             sc.step()
         self.step += 1
         self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
-        return StepStats(parts, grad_norms, micro_batches[-1])
+        return StepStats(parts, grad_norms, micro_batches[-1], teacher if self.learn_omega else None)
 
     # -- outer step ---------------------------------------------------------------------------------------------
-    def outer_step(self, batch: MaskedBatch, lr: float) -> dict:
-        """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
+    def outer_step(self, stats: StepStats, lr: float) -> dict:
+        """DWML's omega step after the optimizer step `stats`: hypergradient of eq. (3) on a held-out batch, mirror
+        descent of eq. (4)."""
         d, rt = self.cfg.distill, self.rt
         held = self.next_batch(self.batches.heldout)
         # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
@@ -475,14 +478,18 @@ class Trainer:
         gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
         # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
+        batch = stats.batch
         inner = batch.head(held.input_ids.shape[0])
         if inner.labels.numel() == 0:
             inner = batch
+        # kd_dwml: the teacher's logits of the inner step on this batch, restricted to the head's masked positions
+        # (its first ones), rather than a second teacher forward; L2 on the held-out batch has no teacher term.
+        teacher = None if stats.teacher_logits is None else stats.teacher_logits[: inner.labels.numel()]
         g, info = hypergradient(
             self.students, inner, held, self.omega.omega.to(rt.device),
             alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
             l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
-            grad_clip=self.cfg.train.grad_clip, teacher_logits=self.teacher_logits(inner),
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=teacher,
             teacher_weight=d.teacher_weight,
         )
         if rt.ddp:  # every rank must take the same omega step: average the hypergradients
