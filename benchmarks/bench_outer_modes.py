@@ -58,12 +58,12 @@ def main() -> int:
         results = {}
         for mode in MODES:
             run.cfg.distill.hypergrad = mode
-            run.outer_step(stats.batch, run.lr())  # warm-up of this mode
+            run.outer_step(stats, run.lr())  # warm-up of this mode
             times = []
             for _ in range(args.repeats):
                 sync(device)
                 t0 = clock()
-                run.outer_step(stats.batch, run.lr())
+                run.outer_step(stats, run.lr())
                 sync(device)
                 times.append(clock() - t0)
             results[mode] = statistics.median(times)

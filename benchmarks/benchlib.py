@@ -95,7 +95,7 @@ def time_steps(run: Trainer, steps: int, warmup: int, outer: bool = True) -> Tim
         lr = run.lr()
         stats = run.train_step()
         if outer and run.learn_omega and run.step % k == 0:
-            run.outer_step(stats.batch, lr)
+            run.outer_step(stats, lr)
         b = stats.batch  # grad_accum = 1: the step's only micro-batch (shapes only: no device sync)
         return sum(step_flops(a, b.input_ids.shape[0], b.input_ids.shape[1], b.labels.numel()) for a in archs)
 

@@ -240,6 +240,24 @@ def test_peers_file_of_another_vocabulary_is_refused(tiny_prepared, tmp_path, ca
     assert not (tmp_path / "r").exists()
 
 
+def test_peers_file_is_read_once_when_a_run_resolves_its_peers(tiny_prepared, tmp_path, monkeypatch):
+    """The architectures and the vocabulary/positions check come from one read and parse of the peers file."""
+    from dwml.train import resolve_archs
+    from test_train import make_cfg
+
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps({"peers": [{"arch": {"layers": 1, "heads": 2, "hidden": 16, "intermediate": 32}},
+                                          {"arch": {"layers": 1, "heads": 2, "hidden": 8, "intermediate": 16,
+                                                    "vocab_size": 1000}}]}))
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (reads.append(self), read_text(self, *a, **k))[1])
+    archs = resolve_archs(make_cfg(tiny_prepared, tmp_path / "r", model={"peers_file": str(path)},
+                                   train={"method": "dml"}), 1000)
+    assert [(a.hidden, a.vocab_size, a.max_positions) for _, a in archs] == [(16, 1000, 34), (8, 1000, 34)]
+    assert [r for r in reads if r.name == "peers.json"] == [path]
+
+
 # ---------------------------------------------------------------------------------------------- item 9
 
 

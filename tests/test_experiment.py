@@ -271,3 +271,22 @@ def test_ablation_config_sweeps_the_unroll(tmp_path):
         assert plan.alias_of is None and plan.config.distill.unroll == unroll
         assert plan.sweep == {"base": "dwml", "axis": "unroll", "value": unroll}
         assert axis_values(plan, 4)["unroll"] == unroll  # a string axis reaches the report's sweep points
+
+
+def test_data_stats_compute_the_unigram_entropy_once_for_all_sequence_lengths(tiny_prepared, monkeypatch):
+    """Data prepared before meta.json held `unigram_entropy` gets it from the train shard: once per prepared
+    directory, not once per sequence length of the experiment's runs."""
+    import dwml.plateau
+    import dwml.shards
+    from dwml.experiment import data_stats
+
+    meta = dwml.shards.load_meta(tiny_prepared)
+    older = {k: v for k, v in meta.items() if k != "unigram_entropy"}
+    monkeypatch.setattr(dwml.shards, "load_meta", lambda prepared: dict(older))
+    calls = []
+    entropy = dwml.plateau.unigram_entropy
+    monkeypatch.setattr(dwml.plateau, "unigram_entropy", lambda *a: calls.append(1) or entropy(*a))
+    stats = data_stats(tiny_prepared, [32, 16, 32])
+    assert list(stats) == [32, 16] and len(calls) == 1
+    assert stats[32]["unigram_entropy"] == stats[16]["unigram_entropy"] == pytest.approx(meta["unigram_entropy"])
+    assert stats[16]["train_sequences"] > stats[32]["train_sequences"]

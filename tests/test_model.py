@@ -1,4 +1,6 @@
+import json
 import random
+import types
 
 import pytest
 import torch
@@ -79,6 +81,25 @@ def test_modernbert_presets_match_roberta_parameter_counts():
         get_preset("tiny", "gpt2")
     with pytest.raises(DwmlError, match="arch.family"):
         Arch(layers=1, heads=1, hidden=8, intermediate=8, family="bert")
+
+
+def test_every_unknown_family_gets_the_one_check_and_message(tmp_path):
+    """config, Arch (presets, HF configs, search references) and the search config share `config.check_family`."""
+    from dwml.config import RunConfig, from_dict
+    from dwml.search import SearchConfig, resolve_reference
+
+    msg = "unknown model family 'bert'; expected one of ['roberta', 'modernbert']"
+    hf = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8,
+          "intermediate_size": 8, "vocab_size": 10, "max_position_embeddings": 10}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    for where, make in (("arch.family", lambda: get_preset("tiny", "bert")),
+                        ("arch.family", lambda: Arch.from_hf_config(types.SimpleNamespace(**hf))),
+                        ("arch.family", lambda: resolve_reference(str(tmp_path))),
+                        ("search.family", lambda: SearchConfig(family="bert").validate()),
+                        ("model.family", lambda: from_dict(RunConfig, {"model": {"family": "bert"}}, "t").validate())):
+        with pytest.raises(DwmlError) as e:
+            make()
+        assert str(e.value) == f"{where}: {msg}"
 
 
 def test_modernbert_config_settings_and_roundtrip():

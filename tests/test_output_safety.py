@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dwml.config import merge
 from dwml.errors import DwmlError
 from dwml.io import MARKER, atomic_dir, write_text
 from dwml.prepare import prepare
-from dwml.rundir import LOCK_NAME, RunLock
+from dwml.rundir import LOCK_NAME, RunLock, check_run_placement
 from dwml.train import Interrupted, train
 
 from test_prepare import synthetic_corpus
@@ -136,6 +137,23 @@ def test_train_refuses_a_foreign_directory_and_one_inside_the_data(tiny_prepared
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err
     assert sorted(p.name for p in foreign.iterdir()) == ["config.toml"] and not (tiny_prepared / "run").exists()
+
+
+def test_run_placement_inside_other_outputs(tmp_path):
+    """A run directory inside another run or a `dwml prepare` output is refused (one walk, `io.enclosing_output`,
+    shared with check_output_dir); inside an experiment directory, which holds runs, it is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for kind, what in (("train", "the run directory"), ("prepare", "the `dwml prepare` output")):
+        outer = tmp_path / kind
+        outer.mkdir()
+        (outer / MARKER).write_text(json.dumps({"command": kind}))
+        with pytest.raises(DwmlError, match=re.escape(f"is inside {what} {outer}; choose a run directory")):
+            check_run_placement(outer / "a" / "run", data)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / MARKER).write_text(json.dumps({"command": "experiment"}))
+    check_run_placement(exp / "run", data)
 
 
 # ------------------------------------------------------------------------------ item 2: --no-resume, rotation

@@ -100,6 +100,13 @@ def test_model_rows_and_best_peer(results):
     assert best_model(model_rows(summary([0.5, 0.5], [1, 1], [2.0, 3.0]), None, None)) == "peer0"
 
 
+def test_model_rows_name_the_arch_as_arch_name():
+    summ = summary([0.5, 0.5], [1, 1], [2.0, 3.0])
+    summ["peers"][1]["arch"]["family"] = "modernbert"
+    del summ["peers"][0]["arch"]  # an old summary without the table: the peer's name
+    assert [r["arch"] for r in model_rows(summ, None, None)[:2]] == ["p0", "MB-L2-A2-H64-I64"]
+
+
 def test_main_table_marks_best_peer_and_ensemble(results):
     md = main_table(results)
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]

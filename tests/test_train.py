@@ -119,6 +119,39 @@ def test_every_method_trains(tiny_prepared, tmp_path):
             assert not any("aux" in k or "heads" in k for k in keys)
 
 
+def test_kd_dwml_outer_step_reuses_the_inner_steps_teacher_logits(tiny_prepared, tmp_path, monkeypatch):
+    """The outer step unrolls the inner step on the head of the step's last micro-batch with the teacher logits that
+    step computed (sliced to the head's masked positions): one teacher forward per micro-batch, none of its own."""
+    import dwml.train as train_mod
+    from dwml.model import masked_logits
+
+    teacher_run = tmp_path / "teacher"
+    train(make_cfg(tiny_prepared, teacher_run, train={"max_steps": 2, "eval_every": 2, "save_every": 2}))
+    forwards, outer = [], []
+    real_teacher, real_hypergradient = train_mod.Trainer.teacher_logits, train_mod.hypergradient
+
+    def teacher_logits(self, batch):
+        forwards.append(batch)
+        return real_teacher(self, batch)
+
+    def hypergradient(models, inner, held, omega, **kw):
+        outer.append((inner, kw["teacher_logits"]))
+        return real_hypergradient(models, inner, held, omega, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "teacher_logits", teacher_logits)
+    monkeypatch.setattr(train_mod, "hypergradient", hypergradient)
+    train(make_cfg(tiny_prepared, tmp_path / "kd_dwml", model={"peers": PEERS},
+                   train={"method": "kd_dwml", "max_steps": 4, "grad_accum": 2, "eval_every": 4, "save_every": 4},
+                   distill={"teacher": str(teacher_run), "outer_every": 2, "teacher_weight": 0.5}))
+    assert len(forwards) == 8 and len(outer) == 2  # 4 steps x 2 micro-batches; 2 outer steps
+    teacher = AutoModelForMaskedLM.from_pretrained(teacher_run / "final" / "peer0").eval()
+    for inner, logits in outer:
+        assert inner.input_ids.shape[0] < forwards[0].input_ids.shape[0]  # the head of the micro-batch
+        with torch.no_grad():
+            fresh = masked_logits(teacher, inner.input_ids, inner.attention_mask, inner.positions)
+        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_training_input(tiny_prepared, tmp_path):
     with pytest.raises(DwmlError, match="needs at least 2 peers"):
         train(make_cfg(tiny_prepared, tmp_path / "a", train={"method": "dwml"}))

@@ -238,13 +238,12 @@ def check_peer_arch(arch: dict, vocab_size: int, max_positions: int, where: str)
                 f"--vocab-size {vocab_size} --max-positions {max_positions}")
 
 
-def check_peers_file(path: str | Path, vocab_size: int, max_positions: int) -> None:
-    """`check_peer_arch` for every peer of a `dwml search` JSON file (already validated by `load_peer_archs`), on the
-    values the file gives (a missing vocab_size / max_positions takes the data's)."""
-    from .io import read_json
-
-    for k, p in enumerate(read_json(path, "peers file")["peers"]):
-        check_peer_arch(p["arch"], vocab_size, max_positions, f"{path}: peers[{k}].arch")
+def check_peers_file(path: str | Path, tables: Sequence[dict], vocab_size: int, max_positions: int) -> None:
+    """`check_peer_arch` for every peer's 'arch' table of the `dwml search` JSON file `path` (as
+    `search.read_peers_file` returns them), on the values the file gives (a missing vocab_size / max_positions
+    takes the data's)."""
+    for k, table in enumerate(tables):
+        check_peer_arch(table, vocab_size, max_positions, f"{path}: peers[{k}].arch")
 
 
 def check_checkpoint_matches(state: dict, students: Sequence[torch.nn.Module], path: str | Path) -> None:

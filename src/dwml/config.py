@@ -25,6 +25,12 @@ SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shape
 MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
 
 
+def check_family(family: Any, where: str) -> None:
+    """The one check that `family` names a model family (`MODEL_FAMILIES`); `where` names the field."""
+    _check(family in MODEL_FAMILIES,
+           f"{where}: unknown model family {family!r}; expected one of {list(MODEL_FAMILIES)}")
+
+
 @dataclass
 class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
@@ -163,8 +169,7 @@ class RunConfig:
 
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
-        _check(self.model.family in MODEL_FAMILIES,
-               f"model.family: unknown model family {self.model.family!r}; expected one of {list(MODEL_FAMILIES)}")
+        check_family(self.model.family, "model.family")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(0.0 < self.data.eval_mask_prob < 1.0,
                f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")

@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .config import METHODS, DistillConfig, RunConfig, from_dict, merge, parse_set, read_toml, to_toml
 from .errors import DwmlError, require
@@ -593,26 +593,33 @@ def median_or_none(values: list) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def data_stats(prepared: Path, seq_len: int) -> dict:
+def data_stats(prepared: Path, seq_lens: Iterable[int]) -> dict[int, dict]:
+    """{seq_len: statistics of the prepared data packed at seq_len} for every length in `seq_lens`; meta.json and the
+    train split's unigram entropy (computed from the shard for data prepared before meta.json held it) are read
+    and computed once for all lengths."""
     from .plateau import train_unigram_entropy
     from .shards import PackedSequences, load_meta
 
     meta = load_meta(prepared)
-    lengths = PackedSequences(prepared, "train", seq_len).lengths()
     splits = meta.get("splits", {})
-    return {
-        "prepared": str(prepared),
-        "vocab_size": int(meta["vocab_size"]),
-        "train_tokens": splits.get("train", {}).get("tokens"),
-        "train_words": splits.get("train", {}).get("words"),
-        "valid_tokens": splits.get("valid", {}).get("tokens"),
-        "train_sequences": int(len(lengths)),
-        "mean_sequence_length": float(lengths.mean()),
-        "unigram_entropy": train_unigram_entropy(prepared, meta),
-        # Share of the B x T positions that can be masked (real, non-special tokens): the masked fraction of the
-        # positions is mask_prob times this.
-        "maskable_fraction": splits.get("train", {}).get("tokens", 0) / (len(lengths) * seq_len),
-    }
+    entropy = train_unigram_entropy(prepared, meta)
+    out = {}
+    for seq_len in dict.fromkeys(seq_lens):
+        lengths = PackedSequences(prepared, "train", seq_len).lengths()
+        out[seq_len] = {
+            "prepared": str(prepared),
+            "vocab_size": int(meta["vocab_size"]),
+            "train_tokens": splits.get("train", {}).get("tokens"),
+            "train_words": splits.get("train", {}).get("words"),
+            "valid_tokens": splits.get("valid", {}).get("tokens"),
+            "train_sequences": int(len(lengths)),
+            "mean_sequence_length": float(lengths.mean()),
+            "unigram_entropy": entropy,
+            # Share of the B x T positions that can be masked (real, non-special tokens): the masked fraction of
+            # the positions is mask_prob times this.
+            "maskable_fraction": splits.get("train", {}).get("tokens", 0) / (len(lengths) * seq_len),
+        }
+    return out
 
 
 def run_budget(rc: RunConfig, mean_len: float) -> dict:
@@ -707,14 +714,15 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
             peer_archs: list[dict] | None, extra: dict | None = None) -> dict:
     """results.json from whatever the stages left in the experiment directory."""
     seq_len = plans[0].config.data.seq_len
-    stats = data_stats(prepared, seq_len)
+    stats_by_len = data_stats(prepared, [seq_len] + [p.config.data.seq_len for p in plans])
+    stats = stats_by_len[seq_len]
     vocab = stats["vocab_size"]
     by_name = {p.name: p for p in plans}
     runs, evaluations = [], {}
     for plan in plans:
         run_dir = Path(plan.config.out_dir)
         summary = _read_json(run_dir / "final" / "summary.json") if not plan.alias_of else None
-        own = stats if plan.config.data.seq_len == seq_len else data_stats(prepared, plan.config.data.seq_len)
+        own = stats_by_len[plan.config.data.seq_len]
         budget = run_budget(plan.config, own["mean_sequence_length"])
         analytic = analytic_flops(plan, vocab, budget["tokens_per_student"],
                                   teacher_arch_of(plan.config, vocab, by_name), own["maskable_fraction"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer, model_files
+from .checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer
 from .errors import DwmlError
 from .io import atomic_dir, check_output_dir, read_json, write_text
 from .tokenizer import copy_tokenizer
@@ -80,7 +80,7 @@ def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
 def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write peer `peer` of a finished run to `out_dir`: new, empty or an earlier export (else `overwrite`); never
     the run itself or a folder holding it; inside the run only under RUN/export/."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from .evaluate import load_masked_lm
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     summary_path = run_dir / "final" / "summary.json"
@@ -95,10 +95,7 @@ def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: 
     check_model_tokenizer(src)
     # The tokenizer must be the one the run was trained with (its hash is in the summary since dwml records it).
     check_same_tokenizer(src, summary.get("tokenizer_sha256"), f"the one {run_dir} was trained with")
-    with model_files(src):
-        model = AutoModelForMaskedLM.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    check_model_tokenizer(src, tokenizer, model)
+    model, _ = load_masked_lm(src)
     check_finite_weights(model, str(src))
     with atomic_dir(out_dir, command="export") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -204,10 +204,11 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
 
         gamma = (t.lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         optimizers = [make_optimizer(s, t) for s in students]
+        inner_teacher = teacher_logits()  # the inner step's: the outer step reuses them (no teacher forward of its own)
         outer, _ = count_flops(lambda: hypergradient(
             students, batch, batch, omega, alpha=d.alpha, temperature=d.temperature, gamma=gamma,
             detach_targets=d.detach_targets, l2_kind=d.l2, mode=d.hypergrad, unroll=d.unroll, optimizers=optimizers,
-            grad_clip=t.grad_clip, teacher_logits=teacher_logits(), teacher_weight=d.teacher_weight,
+            grad_clip=t.grad_clip, teacher_logits=inner_teacher, teacher_weight=d.teacher_weight,
             forward=lambda m, ids, am, pos: m(ids, am, pos)[0]))
     return {
         "micro_batch": int(B),

@@ -76,7 +76,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DwmlError, require
-from .losses import ENSEMBLE_KINDS, dwml_coefficients, dwml_coefficients_outer, ensemble_loss, kl_div
+from .losses import ENSEMBLE_KINDS, dwml_coefficients, dwml_coefficients_outer, ensemble_loss, teacher_term
 from .model import masked_logits
 
 MODES = ("per_peer", "double_backward", "jvp")
@@ -84,6 +84,7 @@ UNROLLS = ("adamw", "sgd", "direct")
 ETA_SCHEDULES = ("constant", "inv_sqrt", "cosine")
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+VJP = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 class MaskedBatchLike(Protocol):
@@ -164,26 +165,43 @@ def _adamw_slots(optimizers: Sequence[torch.optim.Optimizer], params: Sequence[t
                     f"unroll adamw: expected torch.optim.AdamW without amsgrad/maximize, got {type(opt).__name__}")
             for q in group["params"]:
                 where[id(q)] = (opt, group)
-    slots = []
+    found = []
     for q in params:
         require(id(q) in where, "unroll adamw: a trainable parameter of a peer is in none of the optimizers")
         opt, group = where[id(q)]
-        state = opt.state.get(q, {})
-        step = state.get("step", 0)
+        found.append((group, opt.state.get(q, {})))
+    steps = _step_counts([state.get("step", 0) for _, state in found])
+    slots = []
+    for (group, state), step in zip(found, steps):
         b1, b2 = group["betas"]
         slots.append(_AdamWSlot(
             lr=float(group["lr"] if lr is None else lr), weight_decay=float(group["weight_decay"]),
             beta1=float(b1), beta2=float(b2), eps=float(group["eps"]),
-            step=int(float(step)) + 1, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"),
+            step=step + 1, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"),
         ))
     return slots
+
+
+def _step_counts(steps: Sequence[torch.Tensor | float]) -> list[int]:
+    """AdamW's step counts as ints. The fused AdamW keeps them on the parameters' device: they are read with one
+    copy per device, not one host sync per parameter tensor."""
+    values: list = list(steps)
+    on: dict[torch.device, list[int]] = {}
+    for i, step in enumerate(steps):
+        if isinstance(step, torch.Tensor):
+            on.setdefault(step.device, []).append(i)
+    for idx in on.values():
+        for i, value in zip(idx, torch.stack([steps[i].reshape(()).double() for i in idx]).tolist()):
+            values[i] = value
+    return [int(float(v)) for v in values]
 
 
 class InnerStep:
     """The unrolled inner update theta' = U(theta, g) (see the module docstring) and its vector-Jacobian product.
 
     `apply` is written in differentiable torch ops (the "double_backward" mode differentiates it by autograd);
-    `vjp` is the closed form (dU/dg)^T v the other modes use. Gradients are flat lists over all peers' parameters;
+    `apply_and_vjp` gives theta' with the closed form (dU/dg)^T v the other modes use, from one computation of the
+    step. Gradients are flat lists over all peers' parameters;
     `sizes` gives each peer's number of tensors (the gradient clip is per peer, as in the trainer).
     """
 
@@ -214,57 +232,58 @@ class InnerStep:
             out.append((kappa, norm))
         return out
 
-    def _clip(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _clip(self, grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """(the clipped gradients, `_clip_coefs`)."""
         coefs = self._clip_coefs(grads)
-        return [g * kappa for peer, (kappa, _) in zip(_split(grads, self.sizes), coefs) for g in peer]
+        return [g * kappa for peer, (kappa, _) in zip(_split(grads, self.sizes), coefs) for g in peer], coefs
 
     # -- the step --
 
-    def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """theta' (differentiable w.r.t. grads)."""
-        grads = self._clip(grads)
+    def _step(self, grads: Sequence[torch.Tensor], slopes: bool) -> tuple[list[torch.Tensor], list | None, list]:
+        """(theta', the elementwise dtheta'/d(clipped g) of every tensor if `slopes` (else None), `_clip_coefs`)."""
+        clipped, coefs = self._clip(grads)
         if self.slots is None:
-            return [p - self.gamma * g for p, g in zip(self.params, grads)]
-        out = []
-        for p, g, s in zip(self.params, grads, self.slots):
+            return [p - self.gamma * g for p, g in zip(self.params, clipped)], \
+                [-self.gamma] * len(clipped) if slopes else None, coefs
+        out, slope = [], []
+        for p, g, s in zip(self.params, clipped, self.slots):
             m = g * (1 - s.beta1) if s.exp_avg is None else s.exp_avg * s.beta1 + g * (1 - s.beta1)
             v = g * g * (1 - s.beta2) if s.exp_avg_sq is None else s.exp_avg_sq * s.beta2 + g * g * (1 - s.beta2)
             positive = v > 0  # sqrt has no derivative at 0: take it only where v' > 0 (elsewhere g = 0 and r = 0)
             r = torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
             bc1, bc2 = 1 - s.beta1**s.step, 1 - s.beta2**s.step
-            out.append(p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / (r / math.sqrt(bc2) + s.eps))
-        return out
-
-    def vjp(self, grads: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """u = (dtheta'/dg)^T v in closed form (grads and v detached)."""
-        coefs = self._clip_coefs(grads)
-        clipped = [g * kappa for peer, (kappa, _) in zip(_split(grads, self.sizes), coefs) for g in peer]
-        if self.slots is None:
-            w = [-self.gamma * x for x in v]
-        else:
-            w = []
-            for g, x, s in zip(clipped, v, self.slots):
-                m = g * (1 - s.beta1) if s.exp_avg is None else s.exp_avg * s.beta1 + g * (1 - s.beta1)
-                sq = g * g * (1 - s.beta2) if s.exp_avg_sq is None else s.exp_avg_sq * s.beta2 + g * g * (1 - s.beta2)
-                r = torch.sqrt(sq)
-                bc1, bc2 = 1 - s.beta1**s.step, 1 - s.beta2**s.step
-                denom = r / math.sqrt(bc2) + s.eps
+            denom = r / math.sqrt(bc2) + s.eps
+            out.append(p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / denom)
+            if slopes:
                 # d r / d g = (1 - b2) g / r, taken as 0 where r = 0 (there g = m = 0, so the term vanishes anyway)
-                dr = torch.where(r > 0, (1 - s.beta2) * g / torch.where(r > 0, r, torch.ones_like(r)),
+                dr = torch.where(positive, (1 - s.beta2) * g / torch.where(positive, r, torch.ones_like(r)),
                                  torch.zeros_like(r))
-                dphi = -(s.lr / bc1) * ((1 - s.beta1) / denom - m * dr / (math.sqrt(bc2) * denom * denom))
-                w.append(dphi * x)
-        if self.grad_clip <= 0:
-            return w
-        out = []
-        for peer_g, peer_w, (kappa, norm) in zip(_split(grads, self.sizes), _split(w, self.sizes), coefs):
-            if float(kappa) >= 1.0:  # inactive clip: identity
-                out.extend(peer_w)
-                continue
-            # J = kappa (I - g g^T / (|g| (|g| + eps))) is symmetric, so J^T w = kappa (w - g <g, w> / (...)).
-            c = _dot(peer_g, peer_w) / (norm * (norm + CLIP_EPS))
-            out.extend(kappa * (x - c * g) for g, x in zip(peer_g, peer_w))
-        return out
+                slope.append(-(s.lr / bc1) * ((1 - s.beta1) / denom - m * dr / (math.sqrt(bc2) * denom * denom)))
+        return out, slope if slopes else None, coefs
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """theta' (differentiable w.r.t. grads)."""
+        return self._step(grads, slopes=False)[0]
+
+    def apply_and_vjp(self, grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], VJP]:
+        """(theta', v -> u = (dtheta'/dg)^T v in closed form), grads detached: one pass over the parameters computes
+        the clip, the moments and theta' for both (the vjp keeps only the elementwise slopes)."""
+        theta_prime, slopes, coefs = self._step(grads, slopes=True)
+
+        def vjp(v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            w = [slope * x for slope, x in zip(slopes, v)]
+            if self.grad_clip <= 0:
+                return w
+            out = []
+            for peer_g, peer_w, (kappa, norm) in zip(_split(grads, self.sizes), _split(w, self.sizes), coefs):
+                # Active clip: J = kappa (I - g g^T / (|g| (|g| + eps))) is symmetric, so J^T w = kappa (w - c g),
+                # c = <g, w> / (...). Inactive: kappa = 1 and c = 0, so J^T w = w exactly - chosen on the device, with
+                # no host sync per peer.
+                c = torch.where(kappa < 1.0, _dot(peer_g, peer_w) / (norm * (norm + CLIP_EPS)), torch.zeros_like(norm))
+                out.extend(kappa * (x - c * g) for g, x in zip(peer_g, peer_w))
+            return out
+
+        return theta_prime, vjp
 
 
 def mixed_ratio(direct: torch.Tensor, mixed: torch.Tensor) -> float:
@@ -301,7 +320,8 @@ def hypergradient(
     parameters) and use each group's lr unless `gamma` is given. `teacher_logits` (N, V) on the train batch with
     `teacher_weight` beta add kd_dwml's teacher term beta T^2 sum_i KL(teacher || p_i) to the unrolled L1.
     info (all detached): "direct" and "mixed" (M,) with g = direct + mixed, "l1" = L1(theta, omega) on the train
-    batch, "l2" = L2(theta', omega) on the held-out batch, "h" (M,) = dL1/domega, "mixed_ratio" (`mixed_ratio`).
+    batch, "l2" = L2(theta', omega) on the held-out batch, "h" (M,) = dL1/domega. Nothing is read back to the host
+    (no sync): g and info stay on the device until the caller reads them (`mixed_ratio(direct, mixed)` there).
     """
     num_peers = len(models)
     require(num_peers >= 2, f"dwml: expected at least 2 peers, got {num_peers}")
@@ -334,10 +354,9 @@ def hypergradient(
             return dwml_coefficients_outer(logits_list, train_batch.labels, alpha, temperature)
         return dwml_coefficients(logits_list, train_batch.labels, alpha, temperature, detach_targets)[0]
 
-    def teacher_term(logits_list: list[torch.Tensor]) -> torch.Tensor:
-        """kd_dwml's beta T^2 sum_i KL(teacher || p_i): part of the inner gradient, independent of omega."""
-        target = teacher_logits.detach()
-        return teacher_weight * temperature**2 * sum(kl_div(target, z, temperature) for z in logits_list)
+    def teacher_loss(logits_list: list[torch.Tensor]) -> torch.Tensor:
+        """kd_dwml's teacher term (`losses.teacher_term`): part of the inner gradient, independent of omega."""
+        return teacher_term(logits_list, teacher_logits, teacher_weight, temperature)[0]
 
     def outer_loss(theta_prime: Sequence[torch.Tensor], w2: torch.Tensor) -> torch.Tensor:
         return ensemble_loss(run(theta_prime, held_in), heldout_batch.labels, w2, kind=l2_kind)
@@ -351,7 +370,7 @@ def hypergradient(
             w1 = omega.clone().requires_grad_(True)
             logits = [forward(m, *train_in) for m in models]
             h = coefficients(logits)
-            l1 = (w1.to(h.dtype) * h).sum() + (teacher_term(logits) if use_teacher else 0.0)
+            l1 = (w1.to(h.dtype) * h).sum() + (teacher_loss(logits) if use_teacher else 0.0)
             grads = torch.autograd.grad(l1, params, create_graph=True, materialize_grads=True)
             theta_prime = step.apply(grads)
             l2 = outer_loss(theta_prime, w2)
@@ -362,7 +381,7 @@ def hypergradient(
             logits = [forward(m, *train_in) for m in models]
             h = coefficients(logits)
             w = omega.to(h.dtype)
-            c = teacher_term(logits) if use_teacher else None
+            c = teacher_loss(logits) if use_teacher else None
             l1 = (w * h).sum() + (c if c is not None else 0.0)
             if mode == "per_peer" and unroll != "direct":
                 # grad_theta h_k for every k; the inner step's gradient is their omega-combination (L1 is linear),
@@ -380,14 +399,19 @@ def hypergradient(
                 grads = torch.autograd.grad(l1, params, materialize_grads=True)
             grads = [g.detach() for g in grads]
             with torch.no_grad():
-                theta_prime = [t.requires_grad_(True) for t in step.apply(grads)]
+                if unroll == "direct":
+                    theta_prime = step.apply(grads)
+                else:
+                    theta_prime, step_vjp = step.apply_and_vjp(grads)
+                theta_prime = [t.requires_grad_(True) for t in theta_prime]
             l2 = outer_loss(theta_prime, w2)
             if unroll == "direct":
                 (direct,) = torch.autograd.grad(l2, [w2])
                 mixed = torch.zeros_like(direct)
             else:
                 direct, *v = torch.autograd.grad(l2, [w2, *theta_prime], materialize_grads=True)
-                u = step.vjp(grads, [x.detach() for x in v])
+                with torch.no_grad():
+                    u = step_vjp([x.detach() for x in v])
                 if mode == "per_peer":
                     mixed = torch.stack([_dot(u, grad_h[k]) for k in range(num_peers)])
                 else:
@@ -395,8 +419,7 @@ def hypergradient(
                     _, mixed = jvp(lambda *flat: coefficients(run(flat, train_in)), primals, tuple(u))
     direct = direct.detach().to(omega.dtype)
     mixed = mixed.detach().to(omega.dtype)
-    info = {"direct": direct, "mixed": mixed, "l1": l1.detach(), "l2": l2.detach(), "h": h.detach(),
-            "mixed_ratio": mixed_ratio(direct, mixed)}
+    info = {"direct": direct, "mixed": mixed, "l1": l1.detach(), "l2": l2.detach(), "h": h.detach()}
     return direct + mixed, info
 
 

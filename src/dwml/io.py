@@ -165,6 +165,16 @@ def output_command(d: Path) -> str | None:
     return None
 
 
+def enclosing_output(real: Path) -> tuple[Path, str] | None:
+    """(directory, description) of the nearest directory above `real` (resolved) that is another dwml output - a
+    run directory, prepared data, ... but not an experiment/demo directory, which holds outputs - or None."""
+    for parent in real.parents:
+        kind = output_command(parent)
+        if kind and kind not in CONTAINER_COMMANDS:
+            return parent, "the run directory" if kind == "train" else f"the `dwml {kind}` output"
+    return None
+
+
 def _is_within(a: Path, b: Path) -> bool:
     """a == b or a lies inside b (both resolved)."""
     return a == b or b in a.parents
@@ -198,11 +208,10 @@ def check_output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[s
             raise DwmlError(f"{flag} {out}: is inside the input {inp}; choose an output directory outside it")
     if _is_within(Path.cwd().resolve(), real):
         raise DwmlError(f"{flag} {out}: is the current directory or holds it; choose an output directory below it")
-    for parent in real.parents:
-        kind = output_command(parent)
-        if kind and kind not in CONTAINER_COMMANDS and not allowed:
-            what = "the run directory" if kind == "train" else f"the `dwml {kind}` output"
-            raise DwmlError(f"{flag} {out}: is inside {what} {parent}; choose an output directory outside it")
+    enclosing = None if allowed else enclosing_output(real)
+    if enclosing:
+        parent, what = enclosing
+        raise DwmlError(f"{flag} {out}: is inside {what} {parent}; choose an output directory outside it")
     kind = output_command(real) if real.is_dir() else None
     if kind in ("train", *CONTAINER_COMMANDS) and kind != command:  # runs are never replaced, even on request
         what = "a run directory" if kind == "train" else f"a `dwml {kind}` directory (it holds runs)"

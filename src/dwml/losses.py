@@ -431,11 +431,18 @@ def kd_dwml_loss(
     """
     require(float(beta) >= 0.0, f"beta: expected a non-negative number, got {beta!r}")
     total, parts = dwml_loss(logits_list, labels, omega, alpha, temperature, detach_targets)
+    term, teacher_kl = teacher_term(logits_list, teacher_logits, beta, temperature)
+    parts["teacher_kl"] = teacher_kl.detach()
+    return total + term, parts
+
+
+def teacher_term(logits_list: Sequence[torch.Tensor], teacher_logits: torch.Tensor, beta: float,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """kd_dwml's teacher term beta T^2 sum_i KL(p_teacher^T || p_i^T) and the KLs (M,); the teacher is detached.
+    The one formula of the inner loss (`kd_dwml_loss`) and of the outer step's unrolled inner step."""
     teacher = teacher_logits.detach()
     teacher_kl = torch.stack([kl_div(teacher, z, temperature) for z in logits_list])
-    total = total + beta * temperature**2 * teacher_kl.sum()
-    parts["teacher_kl"] = teacher_kl.detach()
-    return total, parts
+    return beta * temperature**2 * teacher_kl.sum(), teacher_kl
 
 
 def ensemble_logprobs(logits_list: Sequence[torch.Tensor], omega: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from .tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
 @dataclass
 class MaskedBatch:
-    """input_ids/attention_mask (B, T) long; positions (N,) flat indices into B*T of the masked tokens; labels (N,)."""
+    """input_ids/attention_mask (B, T) long; positions (N,) ascending flat indices into B*T of the masked tokens;
+    labels (N,)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -40,7 +41,9 @@ class MaskedBatch:
                              (self.input_ids, self.attention_mask, self.positions, self.labels)))
 
     def head(self, rows: int) -> "MaskedBatch":
-        """The first `rows` sequences with their masked positions (flat indices stay valid: rows come first)."""
+        """The first `rows` sequences with their masked positions (flat indices stay valid: rows come first). These
+        are the batch's first `head(rows).labels.numel()` positions, so `x[:n]` restricts a per-position tensor of the
+        batch (e.g. logits at its masked positions) to the head."""
         if rows >= self.input_ids.shape[0]:
             return self
         keep = self.positions < rows * self.input_ids.shape[1]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # transformers' model code takes seconds to import: only wher
 
     MaskedLM = RobertaForMaskedLM | ModernBertForMaskedLM
 
-from .config import MODEL_FAMILIES as FAMILIES
+from .config import check_family
 from .errors import DwmlError
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -47,8 +47,7 @@ class Arch:
     family: str = "roberta"
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise DwmlError(f"arch.family: unknown model family {self.family!r}; expected one of {list(FAMILIES)}")
+        check_family(self.family, "arch.family")
         for name in ("layers", "heads", "hidden", "intermediate", "vocab_size", "max_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -152,17 +151,14 @@ class Arch:
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> "Arch":
-        family = getattr(cfg, "model_type", "roberta")
-        if family not in FAMILIES:
-            raise DwmlError(f"model type {family!r} is not a dwml model family; expected one of {list(FAMILIES)}")
-        return cls(
+        return cls(  # (a model type that is no dwml family is refused by __post_init__)
             layers=cfg.num_hidden_layers,
             heads=cfg.num_attention_heads,
             hidden=cfg.hidden_size,
             intermediate=cfg.intermediate_size,
             vocab_size=cfg.vocab_size,
             max_positions=cfg.max_position_embeddings,
-            family=family,
+            family=getattr(cfg, "model_type", "roberta"),
         )
 
 
@@ -189,8 +185,6 @@ def get_preset(name: str, family: str = "roberta") -> Arch:
         raise DwmlError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}") from None
     if family == "roberta":
         return arch
-    if family not in FAMILIES:
-        raise DwmlError(f"model.family: unknown model family {family!r}; expected one of {list(FAMILIES)}")
     return arch.replace(family=family, intermediate=MODERNBERT_INTERMEDIATE[name])
 
 

@@ -50,14 +50,15 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
           "zero_shot_mean", "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
           "zero_shot_ties", "glue": {task: score}, "glue_avg"}; missing numbers are None.
     """
+    from .model import Arch
+
     scored = (evaluation or {}).get("models", {})
     tuned = (finetune or {}).get("models", {})
     rows = []
     peers = summary["peers"]
     for i, p in enumerate(peers):
         a = p.get("arch", {})
-        family = "MB-" if a.get("family") == "modernbert" else ""  # as dwml.model.Arch.name
-        arch = f"{family}L{a['layers']}-A{a['heads']}-H{a['hidden']}-I{a['intermediate']}" if a else p.get("name", "")
+        arch = Arch.from_dict(a, f"peers[{i}].arch").name if a else p.get("name", "")
         rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
         rows[-1]["plateau_exit_step"] = p.get("plateau_exit_step")
     if len(peers) > 1:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DwmlError
-from .io import CONTAINER_COMMANDS, MARKER, output_command, write_json
+from .io import MARKER, enclosing_output, output_command, write_json
 
 LOCK_NAME = ".dwml-train.lock"
 PREVIOUS_PREFIX = "previous-"
@@ -139,11 +139,10 @@ def check_run_placement(run_dir: Path, prepared: Path) -> None:
     data = prepared.resolve()
     if real == data or data in real.parents:
         raise DwmlError(f"out_dir: {run_dir} is inside the prepared data {prepared}; choose a run directory outside it")
-    for parent in real.parents:
-        kind = output_command(parent)
-        if kind and kind not in CONTAINER_COMMANDS:
-            what = "the run directory" if kind == "train" else f"the `dwml {kind}` output"
-            raise DwmlError(f"out_dir: {run_dir} is inside {what} {parent}; choose a run directory outside it")
+    enclosing = enclosing_output(real)
+    if enclosing:
+        parent, what = enclosing
+        raise DwmlError(f"out_dir: {run_dir} is inside {what} {parent}; choose a run directory outside it")
     foreign = [p.name for p in real.iterdir() if p.name != LOCK_NAME] if real.is_dir() else []
     if foreign and not _is_run_dir(real):
         raise DwmlError(f"out_dir: {run_dir} exists and is not a dwml run directory (it holds {sorted(foreign)[:3]}"

@@ -65,10 +65,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import from_dict, read_toml
+from .config import MODEL_FAMILIES, check_family, from_dict, read_toml
 from .errors import DwmlError
 from .io import check_output_file, write_json
-from .model import FAMILIES, PRESETS, Arch, count_params, get_preset
+from .model import PRESETS, Arch, count_params, get_preset
 
 # An architecture already chosen by an earlier peer costs this much objective (a factor e in size): enough that BO
 # moves away, small enough that the GP's normalised targets are not dominated by a few spikes.
@@ -123,8 +123,8 @@ class SearchConfig:
         check(isinstance(self.intermediate_ratio, (int, float)) and not isinstance(self.intermediate_ratio, bool)
               and self.intermediate_ratio >= 0,
               f"intermediate_ratio: expected a number > 0 (or 0 = the family's), got {self.intermediate_ratio!r}")
-        check(self.family == "" or self.family in FAMILIES,
-              f"family: unknown model family {self.family!r}; expected one of {list(FAMILIES)} (or \"\")")
+        if self.family != "":  # "" = the reference's
+            check_family(self.family, "search.family")
         for name in ("layers", "heads", "head_dim"):
             b = getattr(self, name)
             check(isinstance(b, (list, tuple)) and len(b) == 2 and all(is_int(v) for v in b),
@@ -182,10 +182,7 @@ def resolve_reference(spec: str, family: str = "") -> Arch:
         missing = sorted(v for v in hf_keys.values() if v not in data)
         if missing:
             raise DwmlError(f"{path}: Hugging Face config lacks {missing}")
-        family = data.get("model_type", "roberta")
-        if family not in FAMILIES:
-            raise DwmlError(f"{path}: model_type {family!r} is not a dwml model family; expected one of "
-                            f"{list(FAMILIES)}")
+        family = data.get("model_type", "roberta")  # (one that is no dwml family is refused by Arch)
         return Arch.from_dict({"family": family, **{k: data[v] for k, v in hf_keys.items()}}, str(path))
     return Arch.from_dict(data, str(path))
 
@@ -473,6 +470,13 @@ def run_search_to_file(cfg: SearchConfig, out: str | Path, reference: Arch | Non
 
 def load_peer_archs(path: str | Path) -> list[Arch]:
     """The peers' architectures from a `dwml search` JSON file, in peer order."""
+    return [arch for arch, _ in read_peers_file(path)]
+
+
+def read_peers_file(path: str | Path) -> list[tuple[Arch, dict]]:
+    """(Arch, its 'arch' table as written) of every peer of a `dwml search` JSON file, in peer order: the file is
+    read and parsed once, and a caller can still tell a vocab_size / max_positions the table leaves out (`Arch`
+    fills in defaults) from one it gives."""
     path = Path(path)
     if not path.is_file():
         raise DwmlError(f"{path}: peers file not found (write one with `dwml search --out`)")
@@ -487,7 +491,7 @@ def load_peer_archs(path: str | Path) -> list[Arch]:
     for k, p in enumerate(peers):
         if not isinstance(p, dict) or not isinstance(p.get("arch"), dict):
             raise DwmlError(f"{path}: peers[{k}]: expected an object with an 'arch' table")
-        archs.append(Arch.from_dict(p["arch"], f"{path}: peers[{k}].arch"))
+        archs.append((Arch.from_dict(p["arch"], f"{path}: peers[{k}].arch"), p["arch"]))
     return archs
 
 
@@ -512,7 +516,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--vocab-size", type=int, help="vocabulary size of the reference and the peers")
     p.add_argument("--max-positions", type=int, help="position embeddings of the reference and the peers")
-    p.add_argument("--family", choices=FAMILIES,
+    p.add_argument("--family", choices=MODEL_FAMILIES,
                    help="model family of the peers (default: the reference's; presets are RoBERTa)")
     p.add_argument("--intermediate-ratio", type=float,
                    help="intermediate = ratio * hidden (default: 4 for RoBERTa, 8/3 for ModernBERT's GeGLU)")

@@ -28,7 +28,7 @@ from .checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, c
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .errors import DwmlError
-from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient
+from .hypergrad import MirrorDescentConfig, OmegaState, hypergradient, mixed_ratio
 from .io import atomic_dir, write_json, write_text
 from .losses import ensemble_loss, mlm_loss
 from .masking import BatchStream, MaskedBatch, Prefetcher
@@ -55,14 +55,15 @@ def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
     positions = cfg.data.seq_len + POSITION_OFFSET
     archs: list[tuple[str, Arch]] = []
     if m.peers_file:
-        from .search import load_peer_archs
+        from .search import read_peers_file
 
-        archs = [(f"peer{i}", a) for i, a in enumerate(load_peer_archs(m.peers_file))]
+        peers = read_peers_file(m.peers_file)
+        archs = [(f"peer{i}", a) for i, (a, _) in enumerate(peers)]
         families = sorted({a.family for _, a in archs})
         if families != [m.family]:
             raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
                             f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
-        check_peers_file(m.peers_file, vocab_size, positions)
+        check_peers_file(m.peers_file, [table for _, table in peers], vocab_size, positions)
     for i, p in enumerate(m.peers):
         if isinstance(p, str):
             archs.append((p, get_preset(p, m.family)))
@@ -244,7 +245,7 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         lr = run.lr()
         stats = run.train_step()  # micro-batches -> backward -> clip -> one optimizer step per student
         step = run.step
-        record = run.outer_step(stats.batch, lr) if run.learn_omega and step % d.outer_every == 0 else {}
+        record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
@@ -263,11 +264,13 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
 
 @dataclass
 class StepStats:
-    """What one optimizer step leaves for the log: per-peer loss parts, gradient norms, its last micro-batch."""
+    """What one optimizer step leaves for the log and the outer step: per-peer loss parts, gradient norms, its last
+    micro-batch and, for a teacher method that learns omega (kd_dwml), the teacher's logits on that micro-batch."""
 
     parts: dict[str, torch.Tensor]  # per-peer numbers, still on the device
     grad_norms: list[torch.Tensor]
     batch: MaskedBatch
+    teacher_logits: torch.Tensor | None = None
 
 
 class Trainer:
@@ -445,8 +448,8 @@ class Trainer:
                     sync.enter_context(m.no_sync())
             with sync:
                 outs = self.forward_all(batch, train_mode=True)  # the losses upcast to fp32 where they need it
-                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, self.teacher_logits(batch),
-                                                 self.cfg.distill)
+                teacher = self.teacher_logits(batch)
+                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, teacher, self.cfg.distill)
                 (loss * (counts[micro] * rt.world_size / n_masked)).backward()
                 self.guard.observe(loss)
             share = counts[micro] / sum(counts)
@@ -462,11 +465,12 @@ class Trainer:
             sc.step()
         self.step += 1
         self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
-        return StepStats(parts, grad_norms, micro_batches[-1])
+        return StepStats(parts, grad_norms, micro_batches[-1], teacher if self.learn_omega else None)
 
     # -- outer step ---------------------------------------------------------------------------------------------
-    def outer_step(self, batch: MaskedBatch, lr: float) -> dict:
-        """DWML's omega step: hypergradient of eq. (3) on a held-out batch, mirror descent of eq. (4)."""
+    def outer_step(self, stats: StepStats, lr: float) -> dict:
+        """DWML's omega step after the optimizer step `stats`: hypergradient of eq. (3) on a held-out batch, mirror
+        descent of eq. (4)."""
         d, rt = self.cfg.distill, self.rt
         held = self.next_batch(self.batches.heldout)
         # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
@@ -474,24 +478,32 @@ class Trainer:
         gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
         # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
+        batch = stats.batch
         inner = batch.head(held.input_ids.shape[0])
         if inner.labels.numel() == 0:
             inner = batch
+        # kd_dwml: the teacher's logits of the inner step on this batch, restricted to the head's masked positions
+        # (its first ones), rather than a second teacher forward; L2 on the held-out batch has no teacher term.
+        teacher = None if stats.teacher_logits is None else stats.teacher_logits[: inner.labels.numel()]
         g, info = hypergradient(
             self.students, inner, held, self.omega.omega.to(rt.device),
             alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
             l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
-            grad_clip=self.cfg.train.grad_clip, teacher_logits=self.teacher_logits(inner),
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=teacher,
             teacher_weight=d.teacher_weight,
         )
         if rt.ddp:  # every rank must take the same omega step: average the hypergradients
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
             g /= rt.world_size
+        # The outer step's one host read: the mirror descent step needs g on the host, the record the rest.
+        m = g.numel()
+        host = torch.cat([g, info["direct"], info["mixed"], info["l2"].reshape(1).to(g.dtype)]).cpu()
+        g, direct, mixed, l2 = host[:m], host[m : 2 * m], host[2 * m : 3 * m], float(host[3 * m])
+        ratio = mixed_ratio(direct, mixed)
         self.omega.update(g, self.mirror)
         self.omega_device = self.omega.omega.to(rt.device)
-        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(),
-                    l2=float(info.get("l2", float("nan"))),
-                    mixed_ratio=info["mixed_ratio"] if math.isfinite(info["mixed_ratio"]) else None)
+        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(), l2=l2,
+                    mixed_ratio=ratio if math.isfinite(ratio) else None)
 
     # -- log and validation -------------------------------------------------------------------------------------
     def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
