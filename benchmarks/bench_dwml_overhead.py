@@ -4,15 +4,17 @@ Both arms run the trainer's own step (`dwml.train.Trainer.train_step`, and for D
 the loop runs it) on the same prepared data, peers, batches and number of steps:
   independent: method "mlm" with the peers (each peer its own loss, no coupling, no outer steps);
   dwml:        method "dwml" at the default K (eq. 2 inner loss + an outer omega step every K steps, eq. 3-4).
-The arms alternate `--repeats` times and the fastest of each is kept. Reported per step: wall time and the process's
-CPU time (on a shared machine the CPU time is the reliable one: it does not count time spent waiting for a core).
-Also prints the training throughput (tokens/s) of the tiny preset as a single MLM.
+Both trainers stay alive and alternate in blocks of K steps (a DWML block holds exactly one outer step); per arm the
+fastest block is kept (the ratio of the medians is printed too). Reported per step: wall time and the process's CPU
+time (on a shared machine the CPU time is the reliable one: it does not count time spent waiting for a core). Also
+prints the training throughput (tokens/s) of the tiny preset as a single MLM. Exit status 1 above the 1.10x target.
 
-    python benchmarks/bench_dwml_overhead.py [--steps 60] [--peers 3] [--threads 1]
+    python benchmarks/bench_dwml_overhead.py [--blocks 6] [--peers 3] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +30,9 @@ from dwml.prepare import default_corpus_path, prepare
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per arm and repeat (a multiple of K)")
+    ap.add_argument("--blocks", type=int, default=6,
+                    help="timed blocks of K steps per arm, alternating between the arms (default 6: 120 steps each)")
     ap.add_argument("--peers", type=int, default=3, help="use the first P of --hidden")
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -44,35 +46,44 @@ def main() -> int:
         prepare([default_corpus_path()], prepared, vocab_size=8192, max_docs=20000)
     peers = peer_tables([(2, int(h)) for h in args.hidden.split(",")], 32)[: args.peers]
     K = DistillConfig().outer_every
-    best: dict[str, list[float]] = {}
-    timing = None
-    for r in range(args.repeats):
-        for arm, method in (("independent", "mlm"), ("dwml", "dwml")):
-            run = make_trainer(prepared, method, peers, batch_size=args.batch_size, seq_len=args.seq_len)
-            try:
-                timing = time_steps(run, args.steps, warmup=3)
-            finally:
-                run.close()
-            wall, cpu = best.get(arm, [float("inf")] * 2)
-            best[arm] = [min(wall, timing.seconds), min(cpu, timing.cpu_seconds)]
-            print(f"  repeat {r} {arm:<12} {timing.seconds * 1000:8.1f} ms/step wall, "
-                  f"{timing.cpu_seconds * 1000:8.1f} ms/step CPU", flush=True)
+    # Both arms stay alive and alternate in blocks of K steps (each DWML block holds exactly one outer step), so a
+    # slow spell of the machine hits both arms alike; on this shared 2-core machine identical 10-step windows vary
+    # by up to 15%, which a best-of-2 over whole runs could not separate from the overhead itself.
+    runs = {arm: make_trainer(prepared, method, peers, batch_size=args.batch_size, seq_len=args.seq_len)
+            for arm, method in (("independent", "mlm"), ("dwml", "dwml"))}
+    blocks: dict[str, list[tuple[float, float]]] = {arm: [] for arm in runs}
+    try:
+        for arm, run in runs.items():
+            time_steps(run, 3, warmup=0)  # off the step-0 allocations; the next block starts at step 4
+        for r in range(args.blocks):
+            for arm, run in runs.items():
+                timing = time_steps(run, K, warmup=0)
+                blocks[arm].append((timing.seconds, timing.cpu_seconds))
+            print(f"  block {r}: " + ", ".join(f"{arm} {blocks[arm][-1][1] * 1000:7.1f} ms/step CPU"
+                                             for arm in runs), flush=True)
+    finally:
+        for run in runs.values():
+            run.close()
+    best = {arm: [min(b[0] for b in blocks[arm]), min(b[1] for b in blocks[arm])] for arm in runs}
+    median = {arm: statistics.median(b[1] for b in blocks[arm]) for arm in runs}
     run = make_trainer(prepared, "mlm", [get_preset("tiny").to_dict()], batch_size=args.batch_size,
                        seq_len=args.seq_len)
     try:
-        tiny = time_steps(run, max(10, args.steps // 2), warmup=3)
+        tiny = time_steps(run, 30, warmup=3)
     finally:
         run.close()
     wall_ratio = best["dwml"][0] / best["independent"][0]
     cpu_ratio = best["dwml"][1] / best["independent"][1]
     tokens = timing.tokens
     print(f"\npeers {args.peers} ({', '.join(str(p['hidden']) for p in peers)} hidden), K = {K}, "
-          f"batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {torch.get_num_threads()} threads")
+          f"batch {args.batch_size} x {args.seq_len}, {args.blocks} blocks of {K} steps per arm, "
+          f"{torch.get_num_threads()} threads")
     for arm in ("independent", "dwml"):
         wall, cpu = best[arm]
         print(f"{arm:<12}: {wall * 1000:8.1f} ms/step wall ({tokens / wall:,.0f} tokens/s), "
-              f"{cpu * 1000:8.1f} ms/step CPU ({tokens / cpu:,.0f} tokens/CPU-s)")
-    print(f"DWML overhead ratio: {cpu_ratio:.3f}x CPU time, {wall_ratio:.3f}x wall time  (target <= 1.10x)")
+              f"{cpu * 1000:8.1f} ms/step CPU ({tokens / cpu:,.0f} tokens/CPU-s); median block {median[arm] * 1000:.1f}")
+    print(f"DWML overhead ratio: {cpu_ratio:.3f}x CPU time, {wall_ratio:.3f}x wall time (fastest blocks); "
+          f"{median['dwml'] / median['independent']:.3f}x CPU time (median blocks)  (target <= 1.10x)")
     print(f"tiny preset MLM training throughput: {tiny.tokens / tiny.seconds:,.0f} tokens/s wall, "
           f"{tiny.tokens / tiny.cpu_seconds:,.0f} tokens/CPU-s")
     return 0 if cpu_ratio <= 1.10 else 1

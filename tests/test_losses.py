@@ -338,3 +338,30 @@ def test_dwml_coefficients_outer_matches_autograd_reference(temperature, n):
     _, t_fast = jvp(fast, primals, tangents)
     _, t_ref = jvp(ref, primals, tangents)
     torch.testing.assert_close(t_fast, t_ref, **tol)
+
+
+@pytest.mark.parametrize("omega", [[0.5, 0.3, 0.2], [0.7, 0.3, 0.0]])
+def test_ensemble_loss_closed_form_matches_autograd(omega):
+    """L2 with gradients wanted takes the closed-form path: the value and the gradients w.r.t. every peer's logits
+    and omega equal autograd through `ensemble_logprobs` (float64, several chunks, a zero weight included)."""
+    from dwml import losses
+
+    torch.manual_seed(5)
+    n = losses._ROW_CHUNK * 2 + 3
+    zs = [(2 * torch.randn(n, 17, dtype=torch.float64)).requires_grad_(True) for _ in range(3)]
+    labels = torch.randint(0, 17, (n,))
+    w = torch.tensor(omega, dtype=torch.float64, requires_grad=True)
+    fast = losses.ensemble_loss(zs, labels, w)
+    assert "FusedEnsembleLoss" in type(fast.grad_fn).__name__
+    ref = torch.nn.functional.nll_loss(losses.ensemble_logprobs(zs, w), labels)
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast, ref, **tol)
+    (g_w, *g_z), (r_w, *r_z) = torch.autograd.grad(0.6 * fast, [w, *zs]), torch.autograd.grad(0.6 * ref, [w, *zs])
+    for g, r in zip(g_z, r_z):
+        torch.testing.assert_close(g, r, **tol)
+    live = w.detach() > 0
+    torch.testing.assert_close(g_w[live], r_w[live], **tol)
+    # A zero weight: autograd through log(omega) gives NaN; the closed form gives -0.6 mean p_k(y) / P(y).
+    p_y = torch.stack([z.detach().softmax(-1).gather(-1, labels.view(-1, 1)).squeeze(-1) for z in zs])
+    expected = -0.6 * (p_y / (w.detach().view(-1, 1) * p_y).sum(0)).mean(1)
+    torch.testing.assert_close(g_w, expected, **tol)

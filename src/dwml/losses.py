@@ -457,6 +457,47 @@ def ensemble_logprobs(logits_list: Sequence[torch.Tensor], omega: torch.Tensor) 
     return torch.logsumexp(log_w + log_p, dim=0)
 
 
+class _FusedEnsembleLoss(torch.autograd.Function):
+    """kind="ensemble" of `ensemble_loss` with its gradients in closed form, in row chunks (the outer step's L2).
+
+    Only the label's probability enters the value: with r_i = omega_i p_i(y) / P(y), P(y) = sum_j omega_j p_j(y),
+
+        L2 = -mean log P(y),   dL2/dz_i = r_i (p_i - onehot(y)) / N,   dL2/domega_k = -sum_rows p_k(y) / P(y) / N
+
+    so one softmax per peer and row (into the gradient's buffer) replaces autograd through the (M, N, V) log-softmax,
+    logsumexp and their backward passes. First derivatives only (the hypergradient needs no more of L2).
+    """
+
+    @staticmethod
+    def forward(ctx, labels, omega, *zs):
+        num_peers, n = len(zs), zs[0].shape[0]
+        grads = zs[0].new_empty((num_peers, *zs[0].shape))
+        grad_omega = zs[0].new_zeros(num_peers)
+        total = zs[0].new_zeros(())
+        log_w = omega.log().view(-1, 1)
+        for rows in _chunks(n, zs[0], num_peers):
+            yc = labels[rows].view(-1, 1)
+            g = grads[:, rows]
+            log_py = torch.stack([z[rows].gather(-1, yc).squeeze(-1) - _softmax_lse(z[rows], 1.0, out=g[i])
+                                  for i, z in enumerate(zs)])  # (M, r): log p_i(y)
+            log_mix = torch.logsumexp(log_w + log_py, dim=0)  # (r,): log P(y)
+            total -= log_mix.sum()
+            ratio = (log_py - log_mix).exp()  # p_k(y) / P(y)
+            grad_omega -= ratio.sum(1)
+            r = (omega.view(-1, 1) * ratio / n).unsqueeze(-1)  # (M, r, 1): r_i / N
+            g.mul_(r).scatter_add_(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1), -r)
+        ctx.save_for_backward(grads, grad_omega / n)
+        return total / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        grads, grad_omega = ctx.saved_tensors
+        if not (grad_total.device.type == "cpu" and float(grad_total) == 1.0):  # see _FusedPeerLoss.backward
+            grads, grad_omega = grads * grad_total, grad_omega * grad_total
+        return None, grad_omega, *grads.unbind(0)
+
+
 def ensemble_loss(
     logits_list: Sequence[torch.Tensor],
     labels: torch.Tensor,
@@ -476,7 +517,10 @@ def ensemble_loss(
     """
     require(kind in ENSEMBLE_KINDS, f"l2_kind: expected one of {list(ENSEMBLE_KINDS)}, got {kind!r}")
     if kind == "ensemble":
-        return F.nll_loss(ensemble_logprobs(logits_list, omega), labels)
+        zs = [_upcast(x) for x in logits_list]
+        if torch.is_grad_enabled() and (omega.requires_grad or any(z.requires_grad for z in zs)):
+            return _FusedEnsembleLoss.apply(labels, omega.to(zs[0].dtype), *zs)
+        return F.nll_loss(ensemble_logprobs(zs, omega), labels)
     z = torch.stack([_upcast(x) for x in logits_list])
     w = omega.to(z.dtype)
     if kind == "logit_ensemble":
