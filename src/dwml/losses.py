@@ -135,11 +135,11 @@ def dwml_coefficients(
     return h, ce, kl
 
 
-def _mixture(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k p_k over the first dimension of p, elementwise: a matmul would run in TF32 on a GPU (the trainer
-    enables it), which is too coarse for a term of the gradient."""
+def _mixture(w: torch.Tensor, p: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """sum_k w_k p_k over the peers, elementwise: a matmul would run in TF32 on a GPU (the trainer enables it),
+    which is too coarse for a term of the gradient."""
     mix = p[0] * w[0]
-    for k in range(1, p.shape[0]):
+    for k in range(1, len(p)):
         mix.addcmul_(p[k], w[k])
     return mix
 
@@ -334,17 +334,20 @@ class _FusedPeerLoss(torch.autograd.Function):
         num_peers, n, t = len(zs), zs[0].shape[0], temperature
         ce, lse_t, z_p, z_mix = zs[0].new_zeros((4, num_peers)).unbind(0)  # sums over the rows
         # grads[i] is peer i's (N, V) gradient of the mean over the N rows (the 1/N folded into the coefficients);
-        # formed here, chunk by chunk, while the softmaxes are in cache: backward only scales it.
-        grads = zs[0].new_empty((num_peers, *zs[0].shape))
-        ce_w = ((1.0 - alpha) * w / n).view(-1, 1, 1)
+        # formed here, chunk by chunk, while the softmaxes are in cache: backward only scales it. One buffer per
+        # peer, not one (M, N, V): on the CPU a block that large is a fresh mmap every step, whose page faults cost
+        # as much as the loss itself (glibc reuses freed blocks only up to 32 MB).
+        grads = [torch.empty_like(z) for z in zs]
+        ce_w = (1.0 - alpha) * w / n
         chunk = _row_chunk(zs[0], num_peers)
-        p_t = grads.new_empty((num_peers, min(chunk, n), zs[0].shape[1])) if alpha > 0 and t != 1.0 else None
+        p_t = zs[0].new_empty((num_peers, min(chunk, n), zs[0].shape[1])) if alpha > 0 and t != 1.0 else None
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            yc, g = labels[rows], grads[:, rows]
+            yc = labels[rows].view(-1, 1)
+            g = [grad[rows] for grad in grads]
             for i, z in enumerate(zs):
                 lse1 = _softmax_lse(z[rows], 1.0, out=g[i]).sum()  # g[i] <- softmax(z_i)
-                ce[i] += lse1 - z[rows].gather(-1, yc.view(-1, 1)).sum()
+                ce[i] += lse1 - z[rows].gather(-1, yc).sum()
                 if alpha > 0:
                     lse_t[i] += lse1 if p_t is None else _softmax_lse(z[rows], t, out=p_t[i, : yc.numel()]).sum()
             if alpha > 0:
@@ -355,30 +358,37 @@ class _FusedPeerLoss(torch.autograd.Function):
                     z_mix[i] += torch.vdot(z[rows].flatten(), mix.flatten())
                 # ce_w_i p1_i + alpha T / N (W p_i - P); at T = 1 p1_i = p_i is g itself: one in-place pass
                 kl_w = alpha * t * w.sum() / n
-                if p is g:
-                    g.mul_(ce_w + kl_w)
-                else:
-                    g.mul_(ce_w).add_(p.mul_(kl_w))
-                g.add_(mix, alpha=-alpha * t / n)
+                for i in range(num_peers):
+                    if p is g:
+                        g[i].mul_(ce_w[i] + kl_w)
+                    else:
+                        g[i].mul_(ce_w[i]).add_(p[i].mul_(kl_w))
+                    g[i].add_(mix, alpha=-alpha * t / n)
             else:
-                g.mul_(ce_w)
-            g.scatter_add_(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1), -ce_w.expand(-1, yc.numel(), 1))
+                for i in range(num_peers):
+                    g[i].mul_(ce_w[i])
+            for i in range(num_peers):
+                g[i].scatter_add_(-1, yc, -ce_w[i].expand(yc.numel(), 1))
         neg_entropy, cross = z_p / t - lse_t, z_mix / t - w.sum() * lse_t
         ce, kl = ce / n, ((w * neg_entropy).sum() - cross) / n  # kl (M,): sum_{j != i} omega_j KL(p_j || p_i)
         total = (1.0 - alpha) * (w * ce).sum() + alpha * t**2 * kl.sum()
-        ctx.save_for_backward(grads)
+        ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(ce, kl)
         return total, ce, kl
 
     @staticmethod
     @once_differentiable  # the gradient is a constant formed in forward: a second derivative would silently be 0
     def backward(ctx, grad_total, grad_ce, grad_kl):
-        (grads,) = ctx.saved_tensors
-        # The trainer back-propagates this loss with weight 1 (one micro-batch, one rank): skip a pass over M x N x V
-        # floats then. Checking costs nothing on the CPU; on a GPU it would wait for the GPU, so there it multiplies.
-        if not (grad_total.device.type == "cpu" and float(grad_total) == 1.0):
-            grads = grads * grad_total
-        return (None, None, None, None, *grads.unbind(0))
+        return (None, None, None, None, *_scaled(ctx.saved_tensors, grad_total))
+
+
+def _scaled(grads: Sequence[torch.Tensor], grad_total: torch.Tensor) -> list[torch.Tensor]:
+    """The saved closed-form gradients times the incoming scalar gradient. The trainer back-propagates its losses
+    with weight 1 (one micro-batch, one rank): skip a pass over M x N x V floats then. Checking costs nothing on the
+    CPU; on a GPU it would wait for the GPU, so there it multiplies."""
+    if grad_total.device.type == "cpu" and float(grad_total) == 1.0:
+        return list(grads)
+    return [g * grad_total for g in grads]
 
 
 def _row_chunk(z: torch.Tensor, num_peers: int) -> int:
@@ -471,31 +481,28 @@ class _FusedEnsembleLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, labels, omega, *zs):
         num_peers, n = len(zs), zs[0].shape[0]
-        grads = zs[0].new_empty((num_peers, *zs[0].shape))
+        grads = [torch.empty_like(z) for z in zs]  # one buffer per peer: see _FusedPeerLoss
         grad_omega = zs[0].new_zeros(num_peers)
         total = zs[0].new_zeros(())
         log_w = omega.log().view(-1, 1)
         for rows in _chunks(n, zs[0], num_peers):
             yc = labels[rows].view(-1, 1)
-            g = grads[:, rows]
-            log_py = torch.stack([z[rows].gather(-1, yc).squeeze(-1) - _softmax_lse(z[rows], 1.0, out=g[i])
-                                  for i, z in enumerate(zs)])  # (M, r): log p_i(y)
+            log_py = torch.stack([z[rows].gather(-1, yc).squeeze(-1) - _softmax_lse(z[rows], 1.0, out=g[rows])
+                                  for z, g in zip(zs, grads)])  # (M, r): log p_i(y); grads[i] <- softmax(z_i)
             log_mix = torch.logsumexp(log_w + log_py, dim=0)  # (r,): log P(y)
             total -= log_mix.sum()
             ratio = (log_py - log_mix).exp()  # p_k(y) / P(y)
             grad_omega -= ratio.sum(1)
             r = (omega.view(-1, 1) * ratio / n).unsqueeze(-1)  # (M, r, 1): r_i / N
-            g.mul_(r).scatter_add_(-1, yc.view(1, -1, 1).expand(num_peers, -1, 1), -r)
-        ctx.save_for_backward(grads, grad_omega / n)
+            for g, r_i in zip(grads, r):
+                g[rows].mul_(r_i).scatter_add_(-1, yc, -r_i)
+        ctx.save_for_backward(grad_omega / n, *grads)
         return total / n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        grads, grad_omega = ctx.saved_tensors
-        if not (grad_total.device.type == "cpu" and float(grad_total) == 1.0):  # see _FusedPeerLoss.backward
-            grads, grad_omega = grads * grad_total, grad_omega * grad_total
-        return None, grad_omega, *grads.unbind(0)
+        return None, *_scaled(ctx.saved_tensors, grad_total)
 
 
 def ensemble_loss(
