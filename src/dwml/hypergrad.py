@@ -55,9 +55,11 @@ batch = train batch) in units of one inner DWML step:
   "double_backward" (the config default): autograd through the create_graph gradient of L1 and through U itself
       (reverse-over-reverse; it checks the closed-form dU/dg the other two modes use). ~2.8 inner steps for
       M = 2, 3, 4; with the AdamW unroll and the trainer's half-size outer batches the fastest of the three on the
-      CPU (benchmarks/bench_outer_modes.py: 1.65 vs jvp 1.70 vs per_peer 1.92 inner steps, M = 3; GPU unmeasured).
+      CPU (benchmarks/bench_outer_modes.py: 1.27 vs jvp 1.57 vs per_peer 1.78 inner steps, M = 3; GPU unmeasured).
   "jvp": forward mode: <u, grad h_k> = d/de h_k(theta + e u), all k from one JVP; ~3.0-3.3 inner steps.
-The AdamW unroll adds a few elementwise passes over the parameters.
+The AdamW unroll adds a few elementwise passes over the parameters (on flat per-peer buckets, `InnerStep`). The
+coefficients h come from `losses.dwml_coefficients_outer` when the KL targets are detached: closed forms for the
+value, the gradient, the gradient's derivative in omega and the JVP, tested against autograd in float64.
 "double_backward" and "jvp" run under the math SDPA backend (the fused flash/efficient SDPA kernels have neither
 double-backward nor forward-mode formulas). The outer step runs in eval mode (no dropout: every forward it makes must
 see the same function for the derivative to be exact); the models' modes are restored and their parameters and the
