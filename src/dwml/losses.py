@@ -60,10 +60,11 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of (N, V) logits against the (N,) true token ids, averaged over the N masked positions.
 
     On the CPU, when a gradient is wanted, the value and its closed-form gradient come from one softmax pass in cache-
-    sized chunks (`_FusedPeerLoss` with alpha = 0): 2x faster than F.cross_entropy's log_softmax + NLL + their two
-    backward passes over (N, V) (benchmarks/bench_dwml_overhead.py trains its independent arm with it). Its backward
-    is not differentiable again: no caller differentiates a cross-entropy twice (the outer step's second derivatives
-    go through `dwml_coefficients`), and one that did would get an error, not a silent zero.
+    sized chunks (`_FusedPeerLoss` with alpha = 0): 1.6-2x faster than F.cross_entropy's log_softmax + NLL + their
+    two backward passes over (N, V) (benchmarks/bench_losses.py; benchmarks/bench_dwml_overhead.py trains its
+    independent arm with it). Its backward is not differentiable again: no caller differentiates a cross-entropy
+    twice (the outer step's second derivatives go through `dwml_coefficients_outer` / `dwml_coefficients`), and one
+    that did would get an error, not a silent zero.
     """
     z = _upcast(logits)
     if z.device.type == "cpu" and z.requires_grad and torch.is_grad_enabled():
@@ -161,11 +162,10 @@ def _coefficient_jvp(labels, alpha: float, temperature: float, p1, p, cs) -> tor
         cc = [c[rows] for c in cs]
         total_c = torch.stack(cc).sum(0)
         pt = p[:, rows]
+        own = sum(torch.vdot(cc[i].flatten(), pt[i].flatten()) for i in range(num_peers))  # sum_i <c_i, p_i>
         for k in range(num_peers):
-            ck = cc[k].flatten()
-            ce_k = torch.vdot(ck, p1[k, rows].flatten()) - cc[k].gather(-1, labels[rows].view(-1, 1)).sum()
-            kl_k = sum(torch.vdot(cc[i].flatten(), pt[i].flatten()) for i in range(num_peers)) \
-                - torch.vdot(total_c.flatten(), pt[k].flatten())
+            ce_k = torch.vdot(cc[k].flatten(), p1[k, rows].flatten()) - cc[k].gather(-1, labels[rows].view(-1, 1)).sum()
+            kl_k = own - torch.vdot(total_c.flatten(), pt[k].flatten())
             out[k] += (1.0 - alpha) * ce_k + alpha * temperature * kl_k
     return out / n
 
@@ -339,10 +339,10 @@ class _FusedPeerLoss(torch.autograd.Function):
         # as much as the loss itself (glibc reuses freed blocks only up to 32 MB).
         grads = [torch.empty_like(z) for z in zs]
         ce_w = (1.0 - alpha) * w / n
-        chunk = _row_chunk(zs[0], num_peers)
-        p_t = zs[0].new_empty((num_peers, min(chunk, n), zs[0].shape[1])) if alpha > 0 and t != 1.0 else None
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
+        chunks = _chunks(n, zs[0], num_peers)
+        p_t = zs[0].new_empty((num_peers, chunks[0].stop - chunks[0].start, zs[0].shape[1])) \
+            if alpha > 0 and t != 1.0 else None
+        for rows in chunks:
             yc = labels[rows].view(-1, 1)
             g = [grad[rows] for grad in grads]
             for i, z in enumerate(zs):
@@ -414,8 +414,8 @@ def dwml_inner_loss(
     _check_alpha_temperature(alpha, temperature)
     zs = [_upcast(x) for x in logits_list]
     require(omega.shape == (len(zs),), f"omega: expected shape ({len(zs)},), got {tuple(omega.shape)}")
-    total, ce, kl = _FusedPeerLoss.apply(labels, omega.detach().to(zs[0].dtype), float(alpha),
-                                            float(temperature), *zs)
+    total, ce, kl = _FusedPeerLoss.apply(labels, omega.detach().to(zs[0].dtype), float(alpha), float(temperature),
+                                         *zs)
     return total, {"ce": ce, "kl": kl}
 
 
@@ -437,7 +437,8 @@ def kd_dwml_loss(
     omega_j: in eq. (2) a student's KL is weighted by its teacher's importance, so every peer gets the same beta.
     The term does not depend on omega, so dL/domega_k is that of L1 alone and beta = 0 gives exactly `dwml_loss`;
     it does move the inner step, so the outer step's unroll includes it (`dwml.hypergrad.hypergradient`'s
-    `teacher_logits`): with the AdamW unroll also its derivative, since that step is not linear in the gradient. The teacher's logits are detached. parts adds "teacher_kl" (M,).
+    `teacher_logits`): with the AdamW unroll also its derivative, since that step is not linear in the gradient.
+    The teacher's logits are detached. parts adds "teacher_kl" (M,).
     """
     require(float(beta) >= 0.0, f"beta: expected a non-negative number, got {beta!r}")
     total, parts = dwml_loss(logits_list, labels, omega, alpha, temperature, detach_targets)
