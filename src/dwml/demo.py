@@ -21,7 +21,7 @@ from .io import claim_dir
 # 30% masking (validation stays at 15%), no dropout, linear decay to 0 - 3.97 nats after 4.9M tokens where the
 # post-LN RoBERTa got 6.01. The MLM baseline and the searched DWML peers are all ModernBERT (`model.family`; the
 # library's default family stays RoBERTa). On RoBERTa tiny models this demo ended every model on the unigram plateau
-# (MLM 6.68, peers 6.61-6.65; entropy 6.80); with ModernBERT the MLM leaves it (6.0-6.1, README "Results") at the same
+# (MLM 6.68, peers 6.61-6.65; entropy 6.80); with ModernBERT the MLM leaves it (6.00, README "Results") at the same
 # cost, while the 2-4x smaller peers get 0.3-0.4 nats below the entropy (as independent MLMs they get no further).
 DEMO_FAMILY = "modernbert"
 DEMO_CONFIG = {
@@ -64,7 +64,7 @@ def demo_run_config(out_dir: Path, prepared: Path, steps: int, **sections) -> Ru
 def run_demo(args) -> int:
     from .model import count_params, get_preset
     from .prepare import default_corpus_path, prepare
-    from .search import SearchConfig, read_peers_file, run_search_to_file
+    from .search import SearchConfig, run_search_to_file
     from .shards import load_meta
     from .train import train
     from .trainer_cli import format_summary
@@ -92,12 +92,11 @@ def run_demo(args) -> int:
     if not peers_file.is_file():
         run_search_to_file(SearchConfig(peers=args.peers, **DEMO_SEARCH), peers_file, reference=reference,
                            quiet=False)
-    found = [arch for arch, _ in read_peers_file(peers_file)]
-    held = "/".join(sorted({a.family for a in found}))
-    if held != family:  # a demo directory from before the demo switched to ModernBERT
-        raise DwmlError(f"{peers_file}: holds {held} peers from an older `dwml demo`; "
+    found = json.loads(peers_file.read_text())
+    if found.get("family", "roberta") != family:  # a demo directory from before the demo switched to ModernBERT
+        raise DwmlError(f"{peers_file}: holds {found.get('family', 'roberta')} peers from an older `dwml demo`; "
                         f"this demo trains {family} models - choose a new --out or remove {out}")
-    peer_params = [count_params(a) for a in found]
+    peer_params = [p["params"] for p in found["peers"]]
 
     # Same compute: the MLM baseline trains one tiny model for as many parameter-tokens as all peers together.
     mlm_steps = max(1, round(args.steps * sum(peer_params) / count_params(reference)))
