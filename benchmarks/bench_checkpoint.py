@@ -1,4 +1,4 @@
-"""Cost of checkpoint checksums: save/load with dwml.checkpoint (SHA-256 over the content, verified on load) vs a
+"""Cost of checkpoint checksums: save/load with dwml.training.checkpoint (SHA-256 over the content, verified on load) vs a
 plain torch.save / torch.load of the same state, measured in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_checkpoint.py [--preset mini] [--peers 1] [--repeats 3]
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dwml.checkpoint import load_checkpoint, save_checkpoint, state_checksum
-from dwml.model import build_model, get_preset
+from dwml.training.checkpoint import load_checkpoint, save_checkpoint, state_checksum
+from dwml.models.model import build_model, get_preset
 
 
 def make_state(preset: str, peers: int) -> dict:

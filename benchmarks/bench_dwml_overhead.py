@@ -1,6 +1,6 @@
 """DWML's cost over training the same peers independently, measured in one run on the CPU.
 
-Both arms run the trainer's own step (`dwml.train.Trainer.train_step`, and for DWML `outer_step` every K steps as
+Both arms run the trainer's own step (`dwml.training.train.Trainer.train_step`, and for DWML `outer_step` every K steps as
 the loop runs it) on the same prepared data, peers, batches and number of steps:
   independent: method "mlm" with the peers (each peer its own loss, no coupling, no outer steps);
   dwml:        method "dwml" at the default K (eq. 2 inner loss + an outer omega step every K steps, eq. 3-4).
@@ -25,8 +25,8 @@ import torch
 from bench_outer_modes import peer_tables
 from benchlib import Timing, make_trainer, time_steps
 from dwml.config import DistillConfig
-from dwml.model import get_preset
-from dwml.prepare import default_corpus_path, prepare
+from dwml.models.model import get_preset
+from dwml.data.prepare import default_corpus_path, prepare
 
 
 def main() -> int:

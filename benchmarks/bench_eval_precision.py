@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from dwml.evaldata import load_task
-from dwml.evaluate import load_masked_lm, resolve_device, score_pairs, summarize
+from dwml.evaluation.evaldata import load_task
+from dwml.evaluation.evaluate import load_masked_lm, resolve_device, score_pairs, summarize
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from bench_scorer import train_tokenizer
 
-from dwml.evaldata import load_task, parse_tasks
-from dwml.evaluate import evaluate_model, resolve_device
-from dwml.model import Arch, build_model
-from dwml.scoring import PRECISIONS, clear_copy_cache
+from dwml.evaluation.evaldata import load_task, parse_tasks
+from dwml.evaluation.evaluate import evaluate_model, resolve_device
+from dwml.models.model import Arch, build_model
+from dwml.evaluation.scoring import PRECISIONS, clear_copy_cache
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     tasks = parse_tasks(args.tasks)
 
     if args.tokenizer:
-        from dwml.tokenizer import load_tokenizer
+        from dwml.data.tokenizer import load_tokenizer
 
         path = Path(args.tokenizer)
         tokenizer = load_tokenizer(path / "tokenizer" if (path / "meta.json").is_file() else path)

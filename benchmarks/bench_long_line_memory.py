@@ -21,10 +21,10 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpu
 
 
 def child(mb: float, whole: bool) -> None:
-    import dwml.shards
-    import dwml.tokenizer
-    from dwml.shards import encode_documents
-    from dwml.tokenizer import train_tokenizer
+    import dwml.data.shards
+    import dwml.data.tokenizer
+    from dwml.data.shards import encode_documents
+    from dwml.data.tokenizer import train_tokenizer
 
     text = ""
     files = sorted(CORPUS.rglob("*.test")) + sorted(CORPUS.rglob("*.train"))
@@ -34,7 +34,7 @@ def child(mb: float, whole: bool) -> None:
             break
     text = (text * int(1 + mb * 1e6 / len(text)))[: int(mb * 1e6)]
     if whole:  # the behaviour before: the whole line is one input of the tokenizers library
-        dwml.tokenizer.text_pieces = dwml.shards.text_pieces = lambda t, max_chars=None: [t]
+        dwml.data.tokenizer.text_pieces = dwml.data.shards.text_pieces = lambda t, max_chars=None: [t]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tok = train_tokenizer([text], vocab_size=2000)
     after_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

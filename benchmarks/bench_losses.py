@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dwml.losses import (dwml_coefficients, dwml_coefficients_outer, dwml_inner_loss, dwml_loss, ensemble_logprobs,
+from dwml.distill.losses import (dwml_coefficients, dwml_coefficients_outer, dwml_inner_loss, dwml_loss, ensemble_logprobs,
                          ensemble_loss, mlm_loss)
 
 

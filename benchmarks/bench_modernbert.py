@@ -1,7 +1,7 @@
 """ModernBERT vs RoBERTa at a matched parameter count, measured in one run with the real trainer.
 
 Both families use the same preset name, whose ModernBERT version has the RoBERTa preset's exact parameter count
-within 0.3% (`dwml.model.MODERNBERT_INTERMEDIATE`), the same prepared data, batches, masks and steps:
+within 0.3% (`dwml.models.model.MODERNBERT_INTERMEDIATE`), the same prepared data, batches, masks and steps:
   1. throughput: `--speed-steps` training steps per family without validation, the families alternating
      `--repeats` times; the fastest loop time of each is kept (the machine may be shared). Prints tokens/s and the
      ModernBERT / RoBERTa ratio.
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from dwml.config import RunConfig, from_dict, merge
-from dwml.model import count_params, get_preset
-from dwml.shards import load_meta
-from dwml.train import train
+from dwml.models.model import count_params, get_preset
+from dwml.data.shards import load_meta
+from dwml.training.train import train
 
 FAMILIES = ("roberta", "modernbert")
 

@@ -2,7 +2,7 @@
 
 The three modes compute the same exact hypergradient of eq. (3) (tested against each other and finite differences);
 they differ only in cost. Each is timed through the trainer's own `outer_step` (which calls
-`dwml.hypergrad.hypergradient`) on the same peers and batches; the inner step is the trainer's `train_step`.
+`dwml.distill.hypergrad.hypergradient`) on the same peers and batches; the inner step is the trainer's `train_step`.
 The amortised overhead of a mode is outer / (K x inner) at the default K. Prints the fastest mode.
 
     python benchmarks/bench_outer_modes.py [--hidden 64,48,32] [--batch-size 32] [--repeats 5] [--threads 2]
@@ -21,7 +21,7 @@ import torch
 
 from benchlib import make_trainer, sync, synthetic_prepared, time_steps
 from dwml.config import DistillConfig
-from dwml.hypergrad import MODES
+from dwml.distill.hypergrad import MODES
 
 GPU_PEERS = [(5, 768), (6, 576), (7, 448), (5, 448)]  # (layers, hidden) of the 48.7M / 33.8M / 24.5M / 19.7M peers
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dwml.model import build_model, get_preset
-from dwml.scoring import METHODS, clear_copy_cache, score_sentences, score_sentences_naive
+from dwml.models.model import build_model, get_preset
+from dwml.evaluation.scoring import METHODS, clear_copy_cache, score_sentences, score_sentences_naive
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,7 +1,7 @@
 """Time `dwml train` spends outside its training steps for a short run (issue 10: <= 5 s), in one run.
 
 Runs the real console command (`python -m dwml.cli train`, a fresh process, as a user would) for a short tiny-preset
-MLM run, and `import dwml.cli, dwml.train` + transformers' RoBERTa alone in another fresh process. Prints each one's
+MLM run, and `import dwml.cli, dwml.training.train` + transformers' RoBERTa alone in another fresh process. Prints each one's
 wall and CPU time (on a shared machine the CPU time is the reliable number: wall time there mostly measures the other
 users) and the run's own phase timings (final/summary.json `timings_s`, wall): set-up (config, data, model build,
 optimizers, resume), validation (initial + final; periodic ones are off), steps, checkpoint. What the run spends
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dwml.prepare import default_corpus_path, prepare
+from dwml.data.prepare import default_corpus_path, prepare
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -48,7 +48,7 @@ def main() -> int:
         prepare([default_corpus_path()], prepared, vocab_size=8192, max_docs=5000)
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     imports = timed([sys.executable, "-c",
-                     "import dwml.cli, dwml.train; from transformers import RobertaForMaskedLM"], env)
+                     "import dwml.cli, dwml.training.train; from transformers import RobertaForMaskedLM"], env)
     out = tmp / "run"
     total = timed([sys.executable, "-m", "dwml.cli", "train", "--method", "mlm", "--data", str(prepared),
                    "--out", str(out), "--max-steps", str(args.steps), "--set", "train.progress=false",

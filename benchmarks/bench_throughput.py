@@ -2,14 +2,14 @@
 
 Prints, on the device it finds (CUDA if present):
   1. the measured matmul peak: bf16 8192^3 on CUDA (fp32 1024^3 on CPU), the denominator of every MFU below;
-  2. tokens/s, achieved model TFLOP/s (analytic `dwml.flops.step_flops` of every student's forward + backward: the
+  2. tokens/s, achieved model TFLOP/s (analytic `dwml.models.flops.step_flops` of every student's forward + backward: the
      useful work, so DWML's outer step counts as overhead, not as FLOPs) and MFU for
        - MLM on the 48.7M peer (L5 H768 I3072, vocab 16384, seq 128, batch 256),
        - the 4 peers (48.7M L5 H768; 33.8M L6 H576; 24.5M L7 H448; 19.7M L5 H448) trained independently,
        - DWML over the same peers with K = 10,
      and DWML's time per step over the independent peers';
-  3. evaluation pairs/s of the 48.7M peer through `dwml.evaluate.score_pairs` on BLiMP-filtered pairs.
-Every arm is the trainer's own step (`dwml.train.Trainer.train_step` / `outer_step`) on random token ids, so the
+  3. evaluation pairs/s of the 48.7M peer through `dwml.evaluation.evaluate.score_pairs` on BLiMP-filtered pairs.
+Every arm is the trainer's own step (`dwml.training.train.Trainer.train_step` / `outer_step`) on random token ids, so the
 run needs no corpus. `--tiny` (automatic on CPU) runs small shapes through the same code and prints the same ratios.
 
     python benchmarks/bench_throughput.py                    # GPU: full shapes, about 2-3 minutes
@@ -28,7 +28,7 @@ import torch
 
 from bench_outer_modes import GPU_PEERS, peer_tables
 from benchlib import make_trainer, matmul_peak, sync, synthetic_prepared, time_steps
-from dwml.model import build_model
+from dwml.models.model import build_model
 
 TINY_PEERS = [(2, 128), (2, 96), (2, 64), (1, 64)]
 
@@ -37,10 +37,10 @@ def eval_pairs_per_s(arch_table: dict, vocab: int, seq_len: int, device: torch.d
     """(pairs/s, pairs) of `score_pairs` on BLiMP-filtered (the first `limit` pairs of every paradigm file), with a
     tokenizer trained on those sentences; None when the BLiMP data is not on this machine."""
     from dwml.errors import DwmlError
-    from dwml.evaldata import load_task
-    from dwml.evaluate import score_pairs
-    from dwml.model import Arch
-    from dwml.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from dwml.evaluation.evaldata import load_task
+    from dwml.evaluation.evaluate import score_pairs
+    from dwml.models.model import Arch
+    from dwml.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     try:
         pairs = load_task("blimp_filtered", limit=limit)

@@ -1,6 +1,6 @@
 """Shared pieces of the training benchmarks: synthetic prepared data, a real `Trainer`, timing, the matmul peak.
 
-The benchmarks drive `dwml.train.Trainer` phase by phase (the loop's own `train_step` / `outer_step`), so they
+The benchmarks drive `dwml.training.train.Trainer` phase by phase (the loop's own `train_step` / `outer_step`), so they
 measure the code a run executes, minus logging, validation and checkpoints. On the CPU they report the process's CPU
 time next to wall time: on a shared, oversubscribed machine the wall time mostly measures the other users. Token ids are random: throughput does not
 depend on what the tokens are, and a synthetic prepared directory takes a second to write on any machine (the GPU
@@ -20,12 +20,12 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from dwml.config import RunConfig, from_dict, merge
-from dwml.flops import step_flops
+from dwml.models.flops import step_flops
 from dwml.io import write_json
-from dwml.runtime import compute_init
-from dwml.shards import META_FORMAT, dtype_for_vocab, write_shard
-from dwml.tokenizer import N_SPECIAL, SPECIAL_TOKENS
-from dwml.train import Trainer
+from dwml.training.runtime import compute_init
+from dwml.data.shards import META_FORMAT, dtype_for_vocab, write_shard
+from dwml.data.tokenizer import N_SPECIAL, SPECIAL_TOKENS
+from dwml.training.train import Trainer
 
 
 def synthetic_prepared(out: Path, vocab_size: int, train_tokens: int, seed: int = 0) -> Path:
@@ -75,7 +75,7 @@ class Timing:
     seconds: float  # wall time per step
     cpu_seconds: float  # CPU time of this process (all its threads) per step: the work, even on a busy machine
     tokens: float  # non-pad tokens per step (this rank)
-    flops: float  # analytic model FLOPs per step (`dwml.flops.step_flops` of every student; no outer step)
+    flops: float  # analytic model FLOPs per step (`dwml.models.flops.step_flops` of every student; no outer step)
 
     @property
     def tokens_per_s(self) -> float:

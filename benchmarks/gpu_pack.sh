@@ -4,7 +4,7 @@
 # the device `run`, and carry the one folder: carry = [".gpu"]. Idempotent: what is already there is reused.
 #
 #   .gpu/data/          `dwml prepare` of the bundled corpus exactly as configs/gpu-compare-9min.toml's [prepare]
-#                       would (dwml.experiment.ensure_data with the config itself; vocabulary 16,384). The session
+#                       would (dwml.experiments.experiment.ensure_data with the config itself; vocabulary 16,384). The session
 #                       copies it to the experiment's out_dir/data, which the experiment then reuses (a directory
 #                       with meta.json is never prepared again). bench_startup and bench_eval_sets use it too.
 #   .gpu/eval/          blimp_filtered/, blimp_supplement/ (jsonl as-is) and ewok/ewok_data_babylm.zip (the password
@@ -34,8 +34,8 @@ python3 - "$CONFIG" "$PACK" <<'EOF'
 import json, shutil, sys, time
 from pathlib import Path
 
-from dwml.experiment import ensure_data, ensure_peers, load_experiment
-from dwml.shards import load_meta
+from dwml.experiments.experiment import ensure_data, ensure_peers, load_experiment
+from dwml.data.shards import load_meta
 
 config, pack = sys.argv[1], Path(sys.argv[2])
 cfg = load_experiment(config)

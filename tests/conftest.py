@@ -52,8 +52,8 @@ def tiny_corpus(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dwml.prepare.prepare` on the tiny real-data slice (vocab 1000, seed 0): the prepared directory."""
-    from dwml.prepare import prepare
+    """`dwml.data.prepare.prepare` on the tiny real-data slice (vocab 1000, seed 0): the prepared directory."""
+    from dwml.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("tiny_prepared") / "prepared"
     prepare([tiny_corpus], out, vocab_size=TINY_VOCAB, valid_fraction=0.02, seed=0)

@@ -50,7 +50,7 @@ def make_tokenizer(vocab_size: int = 600, n_lines: int = 400):
 
 
 def make_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 2):
-    from dwml.model import Arch, build_model
+    from dwml.models.model import Arch, build_model
 
     arch = Arch(layers=layers, heads=heads, hidden=hidden, intermediate=4 * hidden, vocab_size=len(tokenizer),
                 max_positions=130)

@@ -14,7 +14,7 @@ import torch
 
 from dwml import checks
 from dwml.cli import main
-from dwml.model import Arch, build_model
+from dwml.models.model import Arch, build_model
 
 ARCH = ["--set", "model.layers=1", "--set", "model.hidden=16", "--set", "model.heads=2",
         "--set", "model.intermediate=32"]
@@ -82,7 +82,7 @@ def model_folder(path: Path, tokenizer_from: Path | None, vocab_size: int = 1000
 
 def nan_at(monkeypatch, bad_steps: set[int], method: str = "mlm"):
     """Make the loss NaN on the given (1-based) optimizer steps (batch_size 4, grad_accum 1: one call a step)."""
-    from dwml import train as train_mod
+    from dwml.training import train as train_mod
 
     real = train_mod.METHOD_LOSSES[method]
     calls = {"n": 0}
@@ -242,8 +242,8 @@ def test_peers_file_of_another_vocabulary_is_refused(tiny_prepared, tmp_path, ca
 
 def test_peers_file_is_read_once_when_a_run_resolves_its_peers(tiny_prepared, tmp_path, monkeypatch):
     """The architectures and the vocabulary/positions check come from one read and parse of the peers file."""
-    from dwml.train import resolve_archs
-    from test_train import make_cfg
+    from dwml.training.train import resolve_archs
+    from runfixtures import make_cfg
 
     path = tmp_path / "peers.json"
     path.write_text(json.dumps({"peers": [{"arch": {"layers": 1, "heads": 2, "hidden": 16, "intermediate": 32}},
@@ -298,9 +298,9 @@ def test_foreign_and_mismatched_checkpoints(run, tiny_prepared, tmp_path, capsys
     shutil.copytree(run, other)
     shutil.rmtree(other / "final")
     assert main(train_args(tiny_prepared, other, "--max-steps", "3", "--set", "model.hidden=32")) == 2
-    assert "model.hidden: 16 -> 32" in error_line(capsys)  # the config comparison of dwml.rundir
+    assert "model.hidden: 16 -> 32" in error_line(capsys)  # the config comparison of dwml.training.rundir
     # Same config, but a checkpoint holding two students for a one-student run (e.g. copied from a dml run).
-    from dwml.checkpoint import state_checksum
+    from dwml.training.checkpoint import state_checksum
 
     (ckpt,) = (other / "checkpoints").iterdir()
     state = torch.load(ckpt, weights_only=False)
@@ -372,7 +372,7 @@ def test_out_dot_is_refused(run, tiny_corpus, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("code, text", [(errno.ENOSPC, "no space left on the device"),
                                         (errno.EROFS, "read-only file system")])
 def test_disk_full_and_read_only_file_system(run, tmp_path, monkeypatch, capsys, code, text):
-    from dwml import export
+    from dwml.experiments import export
 
     def full(path, *_):
         raise OSError(code, "simulated", str(path))
@@ -401,7 +401,8 @@ def test_read_only_directory(run, tmp_path, capsys):  # pragma: no cover - needs
 
 def test_eval_and_finetune_out_naming_a_directory_fail_before_the_work(run, tmp_path, eval_data, monkeypatch,
                                                                       capsys):
-    from dwml import evaluate, finetune
+    from dwml.evaluation import evaluate
+    from dwml.evaluation import finetune
 
     def no_work(*a, **k):
         raise AssertionError("the work started before --out was checked")
@@ -451,8 +452,8 @@ class _RecordingTokenizer:
 
 
 def test_huge_line_is_encoded_in_bounded_pieces_with_identical_ids(tiny_prepared):
-    from dwml.shards import encode_documents
-    from dwml.tokenizer import MAX_PIECE_CHARS, load_raw
+    from dwml.data.shards import encode_documents
+    from dwml.data.tokenizer import MAX_PIECE_CHARS, load_raw
 
     tok = load_raw(tiny_prepared / "tokenizer")
     text = (tiny_prepared / "train.txt").read_text(encoding="utf-8")[:200_000].replace("\n", "  ")
@@ -471,7 +472,7 @@ def test_disk_full_while_writing_a_checkpoint(tiny_prepared, tmp_path, monkeypat
     """A real ENOSPC (writes to /dev/full) in the middle of torch.save: one line, no checkpoint, no temp file."""
     import builtins
 
-    from dwml import checkpoint
+    from dwml.training import checkpoint
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dwml.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dwml.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dwml.errors import DwmlError
 from dwml.io import atomic_dir, atomic_path
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dwml.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dwml.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dwml.cli import main
 from dwml.config import merge
 from dwml.errors import DwmlError
 from dwml.io import MARKER, atomic_dir, write_text
-from dwml.prepare import prepare
-from dwml.rundir import LOCK_NAME, RunLock, check_run_placement
-from dwml.train import Interrupted, train
+from dwml.data.prepare import prepare
+from dwml.training.rundir import LOCK_NAME, RunLock, check_run_placement
+from dwml.training.train import Interrupted, train
 
-from test_prepare import synthetic_corpus
-from test_train import make_cfg
+from runfixtures import synthetic_corpus
+from runfixtures import make_cfg
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -200,7 +200,7 @@ def test_second_trainer_of_a_run_dir_is_refused_and_a_stale_lock_taken_over(tiny
     run = tmp_path / "run"
     holder = _child(f"""
         import time
-        from dwml.rundir import RunLock
+        from dwml.training.rundir import RunLock
         with RunLock({str(run)!r}):
             print("ready", flush=True)
             time.sleep(120)

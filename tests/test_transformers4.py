@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dwml.evaldata import load_task
+from dwml.evaluation.evaldata import load_task
 from hf_load_dump import ids_digests
-from dwml.tokenizer import load_raw
+from dwml.data.tokenizer import load_raw
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,14 @@ from .errors import DwmlError
 
 # Modules that contribute a subcommand through `register(subparsers)`, in help order.
 SUBCOMMAND_MODULES = (
-    "dwml.demo",
-    "dwml.prepare",
-    "dwml.search",
-    "dwml.trainer_cli",
-    "dwml.evaluate",
-    "dwml.finetune",
-    "dwml.export",
-    "dwml.experiment",
+    "dwml.experiments.demo",
+    "dwml.data.prepare",
+    "dwml.models.search",
+    "dwml.training.cli",
+    "dwml.evaluation.evaluate",
+    "dwml.evaluation.finetune",
+    "dwml.experiments.export",
+    "dwml.experiments.experiment",
 )
 
 

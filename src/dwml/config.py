@@ -21,8 +21,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
-SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.schedule)
-MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.model
+SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.training.schedule)
+MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.models.model
 
 
 def check_family(family: Any, where: str) -> None:
@@ -56,7 +56,7 @@ class ModelConfig:
     peers: list = field(default_factory=list)
     peers_file: str = ""
     dropout: float = 0.1
-    family: str = "roberta"  # roberta (the paper's model) | modernbert (pre-norm, RoPE, GeGLU; dwml.model)
+    family: str = "roberta"  # roberta (the paper's model) | modernbert (pre-norm, RoPE, GeGLU; dwml.models.model)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 100
-    schedule: str = "cosine"  # after warm-up: cosine | linear | trapezoid | constant (dwml.schedule)
+    schedule: str = "cosine"  # after warm-up: cosine | linear | trapezoid | constant (dwml.training.schedule)
     cooldown_fraction: float = 0.2  # trapezoid: the last fraction of max_steps decays linearly, the rest is flat
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -165,7 +165,7 @@ class RunConfig:
                f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         if t.tensorboard:
-            from .metrics import MISSING_TENSORBOARD, tensorboard_available
+            from .training.metrics import MISSING_TENSORBOARD, tensorboard_available
 
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")

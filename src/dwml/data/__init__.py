@@ -1,0 +1,1 @@
+"""Corpus, tokenizer, shards and packing, masking, `dwml prepare`."""

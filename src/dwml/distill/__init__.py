@@ -1,0 +1,1 @@
+"""The distillation losses, the methods, the hypergradient and unrolled steps, self-distillation heads."""

@@ -1,0 +1,1 @@
+"""Evaluation data, scoring, zero-shot evaluation, GLUE fine-tuning, statistics."""

@@ -1,0 +1,720 @@
+"""Fine-tuning evaluation on BabyLM's (Super)GLUE subsets (`glue_filtered`): `dwml finetune MODEL --tasks ...`.
+
+Each task fine-tunes a fresh copy of the pretrained encoder with a sequence-classification head
+(`AutoModelForSequenceClassification` on our RobertaForMaskedLM folders: the LM head is dropped, a classifier head is
+initialised) and reports the metrics BabyLM reports: accuracy everywhere, MCC for CoLA, F1 for MRPC and QQP.
+
+Inputs follow the BabyLM pipeline's templates: a single sentence (cola, sst2) or a sentence pair (RoBERTa encodes
+it as `<s> A </s></s> B </s>`); MultiRC pairs "Question: q Answer: a" with the paragraph and WSC pairs
+'Does "span2" refer to "span1" in this passage?' with the text.
+
+Four train files are missing from the data at hand (boolq, multirc, qnli, sst2). For those a stratified, seeded part
+of the valid file is carved off for training and the rest is evaluated (rows sharing a paragraph, passage or question
+stay on one side); every result says so, because such scores are not comparable with published ones. The carving
+seed is separate from the training seed so that every model (and every peer of a run) is scored on the same
+held-out examples.
+
+There is no model selection on the evaluation split: we train for a fixed number of epochs and report the last one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..training import runtime
+from ..checks import check_model_tokenizer, model_files
+from ..errors import DwmlError, require
+from ..io import check_output_file, write_json
+from ..models.model import POSITION_OFFSET
+
+# The repository's data lives next to it: <repo>/../shared/data (see docs/CONTRIBUTING_AGENTS.md).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "eval" / "glue_filtered"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one glue_filtered task is read, encoded and scored."""
+
+    name: str
+    num_labels: int
+    first: tuple[str, ...]  # fields forming text A
+    second: str | None = None  # field forming text B (None: single-sentence task)
+    template: str | None = None  # how the `first` fields are combined (None: the single field as is)
+    metrics: tuple[str, ...] = ("accuracy",)
+    primary: str = "accuracy"  # the score BabyLM reports for the task
+    epoch_factor: int = 1  # BabyLM trains WSC (554 examples) for 3x the epochs of the other tasks
+    # When a train split is carved from valid, examples sharing this field stay on one side: MultiRC has ~29
+    # question/answer rows per paragraph (83 paragraphs in 2,424 rows), so a row-level split would train on the
+    # very paragraphs (and questions) it then scores.
+    group_by: str | None = None
+
+
+TASKS: dict[str, TaskSpec] = {
+    s.name: s
+    for s in (
+        TaskSpec("cola", 2, ("sentence",), metrics=("accuracy", "mcc"), primary="mcc"),
+        TaskSpec("sst2", 2, ("sentence",)),
+        TaskSpec("mrpc", 2, ("sentence1",), "sentence2", metrics=("accuracy", "f1"), primary="f1"),
+        TaskSpec("qqp", 2, ("question1",), "question2", metrics=("accuracy", "f1"), primary="f1"),
+        TaskSpec("mnli", 3, ("premise",), "hypothesis"),
+        TaskSpec("qnli", 2, ("question",), "sentence", group_by="question"),
+        TaskSpec("rte", 2, ("sentence1",), "sentence2"),
+        TaskSpec("boolq", 2, ("question",), "passage", group_by="passage"),
+        TaskSpec("multirc", 2, ("question", "answer"), "paragraph", template="Question: {} Answer: {}",
+                 group_by="paragraph"),
+        TaskSpec("wsc", 2, ("span2_text", "span1_text"), "text",
+                 template='Does "{}" refer to "{}" in this passage?', epoch_factor=3),
+    )
+}
+DEFAULT_TASKS = tuple(TASKS)
+# The MNLI model is also scored on the mismatched-genre valid file, reported as its own row (as BabyLM does).
+MNLI_MM = "mnli-mm"
+
+
+@dataclass
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int
+    group: str | None = field(default=None, compare=False, repr=False)  # TaskSpec.group_by value, for carving
+
+
+@dataclass
+class TaskData:
+    task: str
+    train: list[Example]
+    eval: list[Example]
+    train_source: str
+    eval_source: str
+    carved: bool  # train split carved from the valid file (no train file)
+    note: str = ""
+    extra_evals: dict[str, tuple[list[Example], str]] = field(default_factory=dict)  # name -> (examples, source)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning hyperparameters. Defaults follow BabyLM's pipeline (lr 3e-5, batch 32, 10 epochs, WSC x3);
+    for CPU runs lower `epochs` and set `max_train_examples` / `max_eval_examples`."""
+
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    data_dir: str = ""  # "" = <repo>/../shared/data/eval/glue_filtered
+    epochs: int = 10
+    lr: float = 3e-5
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128  # tokens incl. specials; capped by the model's position embeddings
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 42  # classifier-head init, shuffling, dropout
+    carve_fraction: float = 0.5  # share of a valid file carved off for training where the train file is missing
+    carve_seed: int = 0  # fixed across models so every model is scored on the same held-out examples
+    max_train_examples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs)
+    max_eval_examples: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    progress: bool = True  # one line per epoch on stderr
+
+    def validate(self) -> "FinetuneConfig":
+        require(len(self.tasks) > 0, "finetune.tasks: expected at least one task")
+        for t in self.tasks:
+            if t == MNLI_MM:
+                raise DwmlError(f"finetune.tasks: {MNLI_MM!r} is reported automatically with 'mnli'; ask for 'mnli'")
+            require(t in TASKS, f"finetune.tasks: unknown task {t!r}; expected some of {list(TASKS)}")
+        require(len(set(self.tasks)) == len(self.tasks), f"finetune.tasks: duplicate task in {self.tasks}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"finetune.{name}: expected an integer >= 1, got {value!r}")
+        require(self.max_length >= 8, f"finetune.max_length: expected >= 8, got {self.max_length}")
+        require(self.lr > 0, f"finetune.lr: expected > 0, got {self.lr}")
+        require(0.0 <= self.warmup_ratio < 1.0, f"finetune.warmup_ratio: expected [0, 1), got {self.warmup_ratio}")
+        require(self.weight_decay >= 0, f"finetune.weight_decay: expected >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"finetune.grad_clip: expected >= 0 (0 = off), got {self.grad_clip}")
+        require(0.0 < self.carve_fraction < 1.0,
+                f"finetune.carve_fraction: expected a value in (0, 1), got {self.carve_fraction}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, f"finetune.{name}: expected an integer >= 0, got {value!r}")
+        resolve_device(self.device)
+        return self
+
+
+def resolve_device(name: str) -> torch.device:
+    return runtime.resolve_device(name, field="finetune.device")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _label(value: Any, spec: TaskSpec, where: str) -> int:
+    # JSON labels are ints here; accept booleans and digit strings too (other (Super)GLUE exports use them).
+    if isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value < spec.num_labels:
+        raise DwmlError(f"{where}: field 'label': expected an integer in [0, {spec.num_labels}), got {value!r}")
+    return value
+
+
+def read_examples(path: Path, spec: TaskSpec) -> list[Example]:
+    """Read one glue_filtered jsonl file into (text A, text B, label) examples, checking every field."""
+    if not path.is_file():
+        raise DwmlError(f"{path}: file not found (task {spec.name})")
+    fields = tuple(dict.fromkeys(spec.first + tuple(f for f in (spec.second, spec.group_by) if f)))
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DwmlError(f"{where}: invalid JSON ({e.msg})") from None
+            require(isinstance(row, dict), f"{where}: expected a JSON object per line")
+            for key in fields + ("label",):
+                require(key in row,
+                        f"{where}: missing field {key!r} (task {spec.name} needs {list(fields)} and 'label')")
+            for key in fields:
+                require(isinstance(row[key], str), f"{where}: field {key!r}: expected a string, got {row[key]!r}")
+            parts = [row[k] for k in spec.first]
+            text_a = spec.template.format(*parts) if spec.template else " ".join(parts)
+            text_b = row[spec.second] if spec.second else None
+            group = row[spec.group_by] if spec.group_by else None
+            examples.append(Example(text_a, text_b, _label(row["label"], spec, where), group))
+    require(len(examples) > 0, f"{path}: no examples (empty file)")
+    return examples
+
+
+def carve_split(
+    labels: Sequence[int], fraction: float, seed: int, groups: Sequence[Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of indices into (train, eval), about `fraction` to train, stratified by label.
+
+    Without `groups` every example is its own group and exactly round(fraction * n_c) examples of each class c go
+    to train. With `groups`, examples sharing a group go to the same side; each group is stratified under its
+    majority label, and groups (in seeded random order) join train while that brings the stratum's train count
+    closer to round(fraction * n_stratum). Returns sorted index arrays.
+    """
+    labels = np.asarray(labels)
+    keys = list(range(len(labels))) if groups is None else list(groups)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(keys):
+        members.setdefault(g, []).append(i)
+    strata: dict[int, list[list[int]]] = {}
+    for idx in members.values():  # insertion order = first appearance in the file: deterministic
+        counts = np.bincount(labels[idx])
+        strata.setdefault(int(counts.argmax()), []).append(idx)
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    for label in sorted(strata):
+        stratum = strata[label]
+        target = round(fraction * sum(len(idx) for idx in stratum))
+        taken = 0
+        for k in rng.permutation(len(stratum)):
+            idx = stratum[k]
+            if abs(taken + len(idx) - target) < abs(taken - target):
+                train.extend(idx)
+                taken += len(idx)
+    train_idx = np.sort(np.asarray(train, dtype=np.int64))
+    eval_idx = np.setdiff1d(np.arange(len(labels)), train_idx)
+    return train_idx, eval_idx
+
+
+def subsample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """A seeded random subset of `n` examples in file order (all of them if n is 0 or >= len)."""
+    if n <= 0 or n >= len(examples):
+        return examples
+    idx = np.sort(np.random.default_rng(seed).choice(len(examples), size=n, replace=False))
+    return [examples[i] for i in idx]
+
+
+def load_task(task: str, cfg: FinetuneConfig) -> TaskData:
+    """Train and eval examples of one task, carving a train split from valid where the train file is missing."""
+    require(task in TASKS, f"finetune: unknown task {task!r}; expected some of {list(TASKS)}")
+    spec = TASKS[task]
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
+    require(data_dir.is_dir(), f"{data_dir}: glue_filtered data directory not found (set --data-dir)")
+    train_path, valid_path = data_dir / f"{task}.train.jsonl", data_dir / f"{task}.valid.jsonl"
+    valid = read_examples(valid_path, spec)
+    if train_path.is_file():
+        train, evals = read_examples(train_path, spec), valid
+        carved, note = False, ""
+        train_source, eval_source = train_path.name, valid_path.name
+    else:
+        groups = [e.group for e in valid] if spec.group_by else None
+        train_idx, eval_idx = carve_split([e.label for e in valid], cfg.carve_fraction, cfg.carve_seed, groups)
+        require(len(train_idx) > 0 and len(eval_idx) > 0,
+                f"{valid_path}: too few examples ({len(valid)}) to carve train and eval splits")
+        train, evals = [valid[i] for i in train_idx], [valid[i] for i in eval_idx]
+        carved = True
+        pct = round(100 * cfg.carve_fraction)
+        how = f"grouped by {spec.group_by}, stratified" if spec.group_by else "stratified"
+        note = (f"train carved from valid ({pct}% of {valid_path.name}, {how}, seed {cfg.carve_seed}; "
+                f"no {train_path.name})")
+        train_source = f"{valid_path.name} [carved {pct}%]"
+        eval_source = f"{valid_path.name} [remaining {100 - pct}%]"
+    data = TaskData(
+        task=task,
+        train=subsample(train, cfg.max_train_examples, cfg.seed),
+        # The eval subset uses the carving seed so that it does not change with the training seed.
+        eval=subsample(evals, cfg.max_eval_examples, cfg.carve_seed),
+        train_source=train_source,
+        eval_source=eval_source,
+        carved=carved,
+        note=note,
+    )
+    mm_path = data_dir / f"{MNLI_MM}.valid.jsonl"
+    if task == "mnli" and mm_path.is_file():
+        data.extra_evals[MNLI_MM] = (subsample(read_examples(mm_path, spec), cfg.max_eval_examples, cfg.carve_seed),
+                                     mm_path.name)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics (plain numpy; the predictions are class ids)
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    return float((preds == labels).mean())
+
+
+def binary_f1(preds: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    """F1 of the positive class: 2TP / (2TP + FP + FN); 0 when there are no positives at all (sklearn's value)."""
+    p, y = np.asarray(preds) == positive, np.asarray(labels) == positive
+    tp, fp, fn = int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum())
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews_corrcoef(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation (multiclass form of Gorodkin 2004; binary MCC for two classes).
+
+    With confusion counts C, t_k = true count of class k, p_k = predicted count, c = correct, s = total:
+    MCC = (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), defined as 0 when a factor is 0 (constant predictions/labels).
+    """
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    classes = np.union1d(preds, labels)
+    t = np.array([(labels == k).sum() for k in classes], dtype=np.float64)
+    p = np.array([(preds == k).sum() for k in classes], dtype=np.float64)
+    c, s = float((preds == labels).sum()), float(len(labels))
+    denom = (s * s - p @ p) * (s * s - t @ t)
+    return float((c * s - t @ p) / math.sqrt(denom)) if denom > 0 else 0.0
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy,
+    "f1": binary_f1,
+    "mcc": matthews_corrcoef,
+}
+
+
+def compute_metrics(names: Sequence[str], preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {name: METRICS[name](preds, labels) for name in names}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the expected load report (LM head unused, classifier newly initialised) and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_model_dir(model_dir: Path) -> None:
+    require(model_dir.is_dir(), f"{model_dir}: model directory not found")
+    require((model_dir / "config.json").is_file(),
+            f"{model_dir}: not a Hugging Face model directory (no config.json)")
+
+
+def load_tokenizer(model_dir: Path):
+    check_model_dir(model_dir)
+    check_model_tokenizer(model_dir)  # without tokenizer files transformers would build an empty tokenizer
+    try:
+        with _quiet_transformers():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise DwmlError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    require(tokenizer.pad_token_id is not None, f"{model_dir}: the tokenizer has no pad token")
+    return tokenizer
+
+
+def load_classifier(model_dir: Path, num_labels: int):
+    """The pretrained encoder with a freshly initialised `num_labels`-way classification head.
+
+    Only the classifier may be missing from the checkpoint: any other missing weight means the folder does not hold
+    the encoder we meant to evaluate, and fine-tuning a randomly initialised encoder would report a misleading score.
+    """
+    check_model_dir(model_dir)
+    try:
+        with _quiet_transformers(), model_files(model_dir):
+            from transformers import AutoModelForSequenceClassification
+
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=num_labels, output_loading_info=True
+            )
+    except (OSError, ValueError) as e:
+        raise DwmlError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("classifier."))
+    more = "..." if len(missing) > 3 else ""
+    require(not missing, f"{model_dir}: checkpoint lacks encoder weights {missing[:3]}{more}")
+    return model
+
+
+def max_input_length(model, requested: int) -> int:
+    """`requested`, capped by what the position embeddings hold (RoBERTa positions start at padding_idx + 1)."""
+    limit = model.config.max_position_embeddings
+    if model.config.model_type == "roberta":
+        limit -= POSITION_OFFSET
+    return min(requested, limit)
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
+    """Token ids per example: `<s> A </s>` or `<s> A </s></s> B </s>`, truncated longest-first to `max_length`."""
+    a = [e.text_a for e in examples]
+    with _quiet_transformers():
+        if examples and examples[0].text_b is not None:
+            enc = tokenizer(a, [e.text_b for e in examples], truncation=True, max_length=max_length)
+        else:
+            enc = tokenizer(a, truncation=True, max_length=max_length)
+    return enc["input_ids"]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding: (B, longest) input ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on CUDA only; CPU runs stay in fp32.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training and prediction
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear 0 -> 1 over `warmup` steps, then linear 1 -> 0 at `total` (BERT/RoBERTa fine-tuning)."""
+    if step < warmup:
+        return (step + 1) / warmup  # the first update already uses a non-zero rate
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # No weight decay on biases and LayerNorm gains (the 1-D parameters), as in BERT/RoBERTa fine-tuning.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train_classifier(
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    labels: Sequence[int],
+    cfg: FinetuneConfig,
+    epochs: int,
+    device: torch.device,
+    pad_id: int,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Plain fine-tuning loop (AdamW, linear warmup/decay, grad clipping). Returns the mean train loss per epoch."""
+    n = len(ids)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_ratio * total))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, warmup, total))
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    # Shuffling uses its own generator so it is reproducible whatever else draws random numbers.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    epoch_losses = []
+    for epoch in range(epochs):
+        t0, loss_sum = time.time(), 0.0
+        perm = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, cfg.batch_size):
+            batch = perm[start : start + cfg.batch_size]
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            with _autocast(device):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits.float(), labels_t[batch].to(device))  # loss in fp32
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(batch)
+        epoch_losses.append(loss_sum / n)
+        if log:
+            log(f"epoch {epoch + 1}/{epochs} train loss {epoch_losses[-1]:.4f} ({time.time() - t0:.1f}s)")
+    return epoch_losses
+
+
+def predict(
+    model: torch.nn.Module, ids: list[list[int]], batch_size: int, device: torch.device, pad_id: int
+) -> np.ndarray:
+    """Predicted class per example. Batches hold examples of similar length (sorted), so little padding is computed."""
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    preds = np.zeros(len(ids), dtype=np.int64)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+            with _autocast(device):
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            preds[batch] = logits.float().argmax(-1).cpu().numpy()
+    return preds
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (head init, dropout) without leaving the caller's global RNG state changed."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def majority_baseline(train: list[Example], evals: list[Example]) -> float:
+    """Accuracy on eval of always predicting the most frequent train label (ties: the smallest label)."""
+    counts = np.bincount([e.label for e in train])
+    return accuracy(np.full(len(evals), int(counts.argmax())), np.array([e.label for e in evals]))
+
+
+def _row(task: str, spec: TaskSpec, preds: np.ndarray, evals: list[Example], data: TaskData, eval_source: str,
+         n_train: int, note: str, extra: dict[str, Any]) -> dict[str, Any]:
+    labels = np.array([e.label for e in evals])
+    metrics = compute_metrics(spec.metrics, preds, labels)
+    return {
+        "task": task,
+        "metrics": metrics,
+        "primary": spec.primary,
+        "score": metrics[spec.primary],
+        "majority": majority_baseline(data.train, evals),
+        "n_train": n_train,
+        "n_eval": len(evals),
+        "train_source": data.train_source,
+        "eval_source": eval_source,
+        "carved": data.carved,
+        "note": note,
+        **extra,
+    }
+
+
+def finetune_task(
+    model_dir: Path, tokenizer, data: TaskData, cfg: FinetuneConfig, device: torch.device
+) -> list[dict[str, Any]]:
+    """Fine-tune a fresh classifier on one task; one result row for the task (two for mnli: mnli and mnli-mm)."""
+    spec = TASKS[data.task]
+    epochs = cfg.epochs * spec.epoch_factor
+
+    def log(msg: str) -> None:
+        if cfg.progress:
+            print(f"[{model_dir.name}] {data.task}: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    with _seeded(cfg.seed, device):
+        model = load_classifier(model_dir, spec.num_labels).to(device)
+        check_model_tokenizer(model_dir, tokenizer, model)  # a larger tokenizer would index past the embeddings
+        max_length = max_input_length(model, cfg.max_length)
+        log(f"{len(data.train)} train / {len(data.eval)} eval examples, {epochs} epochs"
+            + (f" ({data.note})" if data.note else ""))
+        train_ids = encode(tokenizer, data.train, max_length)
+        losses = train_classifier(model, train_ids, [e.label for e in data.train], cfg, epochs, device,
+                                  tokenizer.pad_token_id, log)
+    extra = {"epochs": epochs, "max_length": max_length, "final_train_loss": losses[-1]}
+    evals = [(data.task, data.eval, data.eval_source, data.note)]
+    for name, (examples, source) in data.extra_evals.items():
+        evals.append((name, examples, source, f"model fine-tuned on {data.task}, evaluated on {source}"))
+    rows = []
+    for name, examples, source, note in evals:
+        preds = predict(model, encode(tokenizer, examples, max_length), cfg.eval_batch_size, device,
+                        tokenizer.pad_token_id)
+        rows.append(_row(name, spec, preds, examples, data, source, len(data.train), note,
+                         {**extra, "seconds": round(time.time() - t0, 2)}))
+    return rows
+
+
+def finetune_model(model_dir: str | Path, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+    """Fine-tune and score one saved model on every task of `cfg.tasks`.
+
+    Returns {"model", "device", "data_dir", "config", "tasks": {task: row}, "average": mean of the rows' scores,
+    "notes": [one per carved task]}; a row holds metrics, primary, score (= metrics[primary]), majority (accuracy of
+    the majority train label), n_train, n_eval, train/eval sources, carved, note, epochs, max_length, seconds.
+    """
+    cfg = (cfg or FinetuneConfig()).validate()
+    model_dir = Path(model_dir)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(model_dir)
+    # Read every task first so that a bad file fails before any training time is spent.
+    datas = [load_task(task, cfg) for task in cfg.tasks]
+    rows: dict[str, dict[str, Any]] = {}
+    for data in datas:
+        for row in finetune_task(model_dir, tokenizer, data, cfg, device):
+            rows[row["task"]] = row
+    notes = [f"{r['task']}: {r['note']}" for r in rows.values() if r["carved"]]
+    return {
+        "model": str(model_dir),
+        "device": str(device),
+        "data_dir": str(Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR),
+        "config": dataclasses.asdict(cfg),
+        "tasks": rows,
+        "average": float(np.mean([r["score"] for r in rows.values()])),
+        "notes": notes,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run directories and output
+
+
+def resolve_models(path: str | Path, peer: int | None = None) -> list[Path]:
+    """MODEL may be a model folder, a run directory RUN/ (its RUN/final/peer*/) or RUN/final/ itself."""
+    path = Path(path)
+    require(path.exists(), f"{path}: model or run directory not found")
+    if (path / "config.json").is_file():
+        require(peer is None, f"--peer: {path} is a single model directory, not a run directory")
+        return [path]
+    final = path / "final" if (path / "final").is_dir() else path
+    peers = [p for p in final.glob("peer*") if p.is_dir() and p.name[4:].isdigit()]
+    peers.sort(key=lambda p: int(p.name[4:]))
+    require(len(peers) > 0, f"{path}: neither a model directory (no config.json) nor a run directory (no final/peer*/)")
+    if peer is not None:
+        chosen = [p for p in peers if int(p.name[4:]) == peer]
+        require(len(chosen) == 1, f"--peer: no peer{peer} in {final}; found {[p.name for p in peers]}")
+        return chosen
+    return peers
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table of one model's results."""
+    header = f"{'task':<8} {'metrics':<26} {'score':>7} {'majority':>8} {'n_train':>7} {'n_eval':>6}  note"
+    lines = [f"model: {result['model']} (device {result['device']})", header, "-" * len(header)]
+    for r in result["tasks"].values():
+        metrics = " ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
+        note = "train carved from valid (details below)" if r["carved"] else r["note"]
+        lines.append(f"{r['task']:<8} {metrics:<26} {r['score']:>7.3f} {r['majority']:>8.3f} "
+                     f"{r['n_train']:>7} {r['n_eval']:>6}  {note}")
+    lines.append(f"average of the {len(result['tasks'])} scores: {result['average']:.3f}  "
+                 "(score = mcc for cola, f1 for mrpc/qqp, accuracy otherwise; "
+                 "majority = accuracy of the majority class)")
+    lines += [f"note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return FinetuneConfig(
+        tasks=tasks,
+        data_dir=args.data_dir or "",
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        carve_fraction=args.carve_fraction,
+        max_train_examples=args.max_train,
+        max_eval_examples=args.max_eval,
+        device=args.device,
+        progress=not args.quiet,
+    ).validate()
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
+    models = resolve_models(args.model, args.peer)
+    results = {}
+    for model_dir in models:
+        result = finetune_model(model_dir, cfg)
+        print(format_table(result), flush=True)
+        results[model_dir.name] = result
+    if args.out:
+        # A model folder gives its result; a run directory gives {"run": RUN, "peers": {"peer0": result, ...}}.
+        is_run = not (Path(args.model) / "config.json").is_file()
+        write_json(args.out, {"run": str(args.model), "peers": results} if is_run else results[models[0].name])
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    d = FinetuneConfig()
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune and score a model on BabyLM's (Super)GLUE subsets",
+        description="Fine-tune MODEL (a saved model folder, or a run directory: every RUN/final/peer*/, or --peer i) "
+        "with a classification head on each task of BabyLM's glue_filtered data and report accuracy (MCC for cola, "
+        "F1 for mrpc/qqp; mnli-mm is reported with mnli). Tasks without a train file (boolq, multirc, qnli, sst2) "
+        "train on a stratified part of their valid file; the output says so.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model folder, run directory RUN/ or RUN/final/")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: all ten)")
+    p.add_argument("--peer", type=int, default=None, help="only this peer of a run directory")
+    p.add_argument("--data-dir", default="", help=f"glue_filtered directory (default: {DEFAULT_DATA_DIR})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per task (wsc: x3) (default: {d.epochs})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"tokens per input, capped by the model's positions (default: {d.max_length})")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help=f"default: {d.warmup_ratio}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
+    p.add_argument("--carve-fraction", type=float, default=d.carve_fraction,
+                   help="share of valid used for training where the train file is missing "
+                   f"(default: {d.carve_fraction})")
+    p.add_argument("--max-train", type=int, default=0, help="at most N train examples per task (0 = all)")
+    p.add_argument("--max-eval", type=int, default=0, help="at most N eval examples per task (0 = all)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default: {d.seed}")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--out", default="", help="write the results as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=run_cli)

@@ -1,0 +1,1 @@
+"""Experiment configs, planning and stages, reports, the demo, Hugging Face export."""

@@ -1,0 +1,121 @@
+"""`dwml export RUN --peer i`: a self-contained Hugging Face model folder with a model card.
+
+The folder holds config.json, model.safetensors, the tokenizer files and README.md (architecture, method, training
+data, validation loss and any zero-shot / GLUE scores found next to the run), and nothing that needs dwml to load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer
+from ..errors import DwmlError
+from ..io import atomic_dir, check_output_dir, read_json, write_text
+from ..data.tokenizer import copy_tokenizer
+
+
+# How the model card names each model family (`dwml.models.model`).
+FAMILY_STYLE = {"roberta": "RoBERTa-style", "modernbert": "ModernBERT (pre-norm, rotary positions, GeGLU)"}
+
+
+def find_scores(run_dir: Path, peer: int) -> dict:
+    """Scores of this peer from eval/finetune JSON files in the run directory (written by experiment/eval)."""
+    found: dict = {}
+    for f in sorted(run_dir.glob("eval*.json")) + sorted(run_dir.glob("finetune*.json")):
+        data = read_json(f)
+        models = data.get("models", {}) if isinstance(data, dict) else {}
+        entry = models.get(f"peer{peer}")
+        if isinstance(entry, dict):
+            found[f.stem] = entry.get("summary", entry)
+    return found
+
+
+def model_card(summary: dict, peer: int, scores: dict, run_dir: Path) -> str:
+    p = summary["peers"][peer]
+    a = p["arch"]
+    family = a.get("family", "roberta")
+    style = FAMILY_STYLE.get(family, family)
+    omega = summary.get("omega") or []
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: fill-mask",
+        f"tags: [babylm, masked-lm, {family}, knowledge-distillation, dwml]",
+        "---",
+        f"# {run_dir.name} / peer {peer} ({p['name']})",
+        "",
+        f"{style} masked language model trained with "
+        f"**{summary['method']}** by [dwml](https://arxiv.org/abs/2411.16487)-style teacher-less distillation.",
+        "",
+        "## Architecture",
+        f"- family {family}, layers {a['layers']}, attention heads {a['heads']}, hidden {a['hidden']}, "
+        f"intermediate {a['intermediate']}, vocabulary {a['vocab_size']}, positions {a['max_positions']}",
+        f"- parameters: {p['params']:,}",
+        "",
+        "## Training",
+        f"- method: {summary['method']}, steps: {summary.get('steps')}",
+    ]
+    if len(omega) > 1:
+        lines.append(f"- peer weight omega: {omega[peer]:.4f} (all peers: "
+                     + ", ".join(f"{w:.4f}" for w in omega) + ")")
+    data = summary.get("data")
+    if data:
+        lines.append(f"- data: {data}")
+    lines += ["", "## Scores", f"- validation MLM loss: {p['valid_loss']:.4f}"]
+    for name, s in scores.items():
+        lines.append(f"- {name}: `{json.dumps(s, sort_keys=True)}`")
+    lines += [
+        "",
+        "## Use",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        'model = AutoModelForMaskedLM.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_peer(run_dir: str | Path, peer: int, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write peer `peer` of a finished run to `out_dir`: new, empty or an earlier export (else `overwrite`); never
+    the run itself or a folder holding it; inside the run only under RUN/export/."""
+    from ..evaluation.evaluate import load_masked_lm
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    summary_path = run_dir / "final" / "summary.json"
+    if not summary_path.is_file():
+        raise DwmlError(f"{run_dir}: not a finished dwml run (no final/summary.json)")
+    summary = read_json(summary_path, "run summary")
+    n = len(summary.get("peers", []))
+    if not 0 <= peer < n:
+        raise DwmlError(f"--peer: {run_dir} has peers 0..{n - 1}, got {peer}")
+    check_output_dir(out_dir, "export", inputs=[run_dir], overwrite=overwrite, allowed_inside=[run_dir / "export"])
+    src = run_dir / "final" / f"peer{peer}"
+    check_model_tokenizer(src)
+    # The tokenizer must be the one the run was trained with (its hash is in the summary since dwml records it).
+    check_same_tokenizer(src, summary.get("tokenizer_sha256"), f"the one {run_dir} was trained with")
+    model, _ = load_masked_lm(src)
+    check_finite_weights(model, str(src))
+    with atomic_dir(out_dir, command="export") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer(src, tmp)  # the tokenizer files in the format transformers 4.x and 5.x both load
+        write_text(tmp / "README.md", model_card(summary, peer, find_scores(run_dir, peer), run_dir))
+    return out_dir
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write one peer of a run as a self-contained Hugging Face model folder")
+    p.add_argument("run", help="run directory (with final/summary.json)")
+    p.add_argument("--peer", type=int, default=0, help="peer index (default 0)")
+    p.add_argument("--out", help="output folder (default RUN/export/peerI); must be new, empty or an earlier export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing folder that dwml export did not write")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "export" / f"peer{args.peer}"
+    export_peer(args.run, args.peer, out, overwrite=args.overwrite)
+    print(f"exported peer {args.peer} of {args.run} -> {out}")
+    return 0

@@ -1,0 +1,584 @@
+"""The experiment report: pure functions from a results dict (`results.json` of `dwml experiment`) to markdown
+tables, and matplotlib figures written atomically.
+
+What is reported (paper: Iyer 2024, "When Babies Teach Babies", arXiv 2411.16487):
+- Table 1: per run, its best peer and (multi-peer runs) the omega-weighted ensemble; Table 2: every peer.
+  Columns: zero-shot macro accuracy per task (BLiMP filtered, supplement, EWoK, or their fast subsets; a tie counts
+  correct, as in BabyLM's pipeline), their mean, the mean with ties counted wrong ("strict") and the tie count, GLUE
+  average (and per task) when fine-tuning ran, validation loss, parameters, omega.
+  The best peer of a run is the one with the highest mean zero-shot accuracy (ties and runs without zero-shot
+  evaluation: the lowest validation loss); it is marked with a star.
+- Figure 3: omega of every peer over the outer steps of each learned-omega run (from metrics.jsonl), and Table 3:
+  per learned-omega run, its unroll (`distill.unroll`) and the median over its outer steps of the centred
+  |mixed| / |direct| ratio of the hypergradient (how much the exact mixed term of eq. 3 moves omega).
+- Figure 2: the metric against each sweep axis (number of peers, alpha, fixed vs learned omega, ...), against the
+  number of parameters, and against the final omega, with Pearson's R.
+- Table 9: wall time, mean GPU utilisation (n/a without a GPU / pynvml), analytic and measured training FLOPs.
+
+The metric is the mean zero-shot macro accuracy over the evaluated tasks (%); without evaluation, the validation
+loss (lower is better).
+
+R (omega vs accuracy): over every peer of every learned-omega run (dwml, kd_dwml) pooled, x = M * omega_i (the
+peer's final weight relative to the uniform 1/M, so runs with different numbers of peers M are comparable; with a
+single M this is a rescaling and gives the same R as omega_i), y = the peer's metric. Pearson's R needs n >= 3 points
+(two points always lie on a line) and non-constant x and y; otherwise it is undefined (reported as n/a).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..io import atomic_path, write_text
+
+TASK_LABELS = {
+    "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",
+    "blimp_supplement": "Supplement", "supplement_fast": "Suppl. (fast)",
+    "ewok": "EWoK", "ewok_fast": "EWoK (fast)",
+}
+STAR = " ★"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows of one run
+
+
+def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) -> list[dict]:
+    """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
+
+    Row: {"name", "arch", "params", "omega", "valid_loss", "plateau_exit_step", "zero_shot": {task: %},
+          "zero_shot_mean", "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
+          "zero_shot_ties", "glue": {task: score}, "glue_avg"}; missing numbers are None.
+    """
+    from ..models.model import Arch
+
+    scored = (evaluation or {}).get("models", {})
+    tuned = (finetune or {}).get("models", {})
+    rows = []
+    peers = summary["peers"]
+    for i, p in enumerate(peers):
+        a = p.get("arch", {})
+        arch = Arch.from_dict(a, f"peers[{i}].arch").name if a else p.get("name", "")
+        rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
+        rows[-1]["plateau_exit_step"] = p.get("plateau_exit_step")
+    if len(peers) > 1:
+        rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,
+                         summary.get("valid_ensemble_loss"), scored, tuned))
+        rows[-1]["plateau_exit_step"] = None
+    return rows
+
+
+def _row(name: str, arch: str, params: int, omega: float | None, valid_loss: float | None, scored: dict,
+         tuned: dict) -> dict:
+    model = scored.get(name, {})
+    zero_shot = dict(model.get("summary", {}))
+    strict = dict(model.get("strict_summary", {}))
+    ft = tuned.get(name)
+    glue = {t: r["score"] for t, r in ft["tasks"].items()} if ft else {}
+    return {"name": name, "arch": arch, "params": params, "omega": omega, "valid_loss": valid_loss,
+            "zero_shot": zero_shot, "zero_shot_mean": _mean(zero_shot.values()),
+            "zero_shot_strict": strict, "zero_shot_strict_mean": _mean(strict.values()),
+            "zero_shot_ties": sum(model["ties"].values()) if "ties" in model else None,
+            "glue": glue, "glue_avg": ft["average"] if ft else None}
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def best_model(rows: Sequence[dict]) -> str:
+    """The best peer (never the ensemble): highest mean zero-shot accuracy, ties and no evaluation -> lowest
+    validation loss."""
+    peers = [r for r in rows if r["name"] != "ensemble"]
+
+    def key(r: dict) -> tuple:
+        acc = r["zero_shot_mean"]
+        loss = r["valid_loss"] if r["valid_loss"] is not None else math.inf
+        return (-(acc if acc is not None else -math.inf), loss)
+
+    return min(peers, key=key)["name"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's correlation coefficient; None for fewer than 3 points or a constant variable."""
+    n = len(x)
+    if n != len(y) or n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def metric_of(results: dict) -> tuple[str, str]:
+    """(row key, label) of the headline metric: mean zero-shot accuracy, or validation loss without evaluation."""
+    has_eval = any(r.get("zero_shot_mean") is not None for run in done_runs(results) for r in run["models"])
+    return ("zero_shot_mean", "zero-shot accuracy (%, mean of tasks)") if has_eval else \
+        ("valid_loss", "validation loss")
+
+
+def done_runs(results: dict) -> list[dict]:
+    """Runs with results (trained, not an alias of another run)."""
+    return [r for r in results["runs"] if not r.get("alias_of") and r.get("models")]
+
+
+def omega_correlation(results: dict) -> dict:
+    """R between final omega (relative to uniform) and the metric over all peers of learned-omega runs, pooled;
+    also per run. See the module docstring."""
+    key, label = metric_of(results)
+    points, per_run = [], {}
+    for run in done_runs(results):
+        if run["method"] not in ("dwml", "kd_dwml") or not run.get("omega_learned"):
+            continue
+        peers = [r for r in run["models"] if r["name"] != "ensemble" and r[key] is not None]
+        m = len(run["omega"])
+        xs = [m * r["omega"] for r in peers]
+        ys = [r[key] for r in peers]
+        points += [{"run": run["name"], "peer": r["name"], "x": x, "y": y} for r, x, y in zip(peers, xs, ys)]
+        per_run[run["name"]] = {"n": len(xs), "r": pearson(xs, ys)}
+    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+    return {"metric": label, "x": "M * omega_i (final omega relative to uniform)", "n": len(points),
+            "r": pearson(xs, ys), "points": points, "per_run": per_run}
+
+
+def sweep_points(results: dict) -> dict[str, dict[str, list[dict]]]:
+    """{base run: {axis: [{"value", "run", "best", "ensemble"} sorted by value]}}: the base run and its variants
+    (an alias takes the numbers of the run it points to)."""
+    key, _ = metric_of(results)
+    runs = {r["name"]: r for r in results["runs"]}
+    out: dict[str, dict[str, list[dict]]] = {}
+    variants = [r for r in results["runs"] if r.get("sweep")]
+    for v in variants:
+        base, axis, value = v["sweep"]["base"], v["sweep"]["axis"], v["sweep"]["value"]
+        family = out.setdefault(base, {})
+        if axis not in family:
+            family[axis] = []
+            b = runs.get(base)
+            if b and b.get("models"):
+                family[axis].append(_point(b["axes"][axis], b, key))
+        target = runs.get(v["alias_of"]) if v.get("alias_of") else v
+        if target and target.get("models"):
+            p = _point(value, target, key)
+            p["run"] = v["name"] + (f" (= {target['name']})" if v.get("alias_of") else "")
+            if not any(q["value"] == value for q in family[axis]):
+                family[axis].append(p)
+    for family in out.values():
+        for axis in family:
+            family[axis].sort(key=lambda p: (float(p["value"]) if not isinstance(p["value"], str) else 0.0))
+    return out
+
+
+def _point(value: Any, run: dict, key: str) -> dict:
+    rows = {r["name"]: r for r in run["models"]}
+    ens = rows.get("ensemble")
+    return {"value": value, "run": run["name"], "best": rows[run["best"]][key],
+            "ensemble": ens[key] if ens else None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
+    align = [":--"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(v: Any, spec: str = ".1f", none: str = "–") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def fmt_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def fmt_flops(f: float | None) -> str:
+    return "–" if f is None else f"{f:.2e}"
+
+
+def _tasks(results: dict) -> list[str]:
+    if results.get("eval"):
+        return list(results["eval"]["tasks"])
+    return []
+
+
+def _glue_tasks(results: dict) -> list[str]:
+    tasks: list[str] = []
+    for run in done_runs(results):
+        for r in run["models"]:
+            for t in r["glue"]:
+                if t not in tasks:
+                    tasks.append(t)
+    return tasks
+
+
+def _score_cells(row: dict, tasks: list[str], glue_tasks: list[str]) -> list[str]:
+    cells = [fmt(row["zero_shot"].get(t)) for t in tasks]
+    if tasks:
+        cells += [fmt(row["zero_shot_mean"]), fmt(row.get("zero_shot_strict_mean")),
+                  fmt(row.get("zero_shot_ties"), "d")]
+    if glue_tasks:
+        cells.append(fmt(row["glue_avg"], ".3f"))
+    return cells
+
+
+def _score_header(results: dict, tasks: list[str], glue_tasks: list[str]) -> list[str]:
+    head = [TASK_LABELS.get(t, t) for t in tasks]
+    if tasks:
+        head += ["Zero-shot mean", "Strict mean", "Ties"]
+    if glue_tasks:
+        head.append("GLUE avg")
+    return head
+
+
+def main_table(results: dict) -> str:
+    """Table 1: each run's best peer (★) and ensemble."""
+    tasks, glue = _tasks(results), _glue_tasks(results)
+    header = (["Run", "Method", "Model", "Params", "ω"] + _score_header(results, tasks, glue)
+              + ["Valid loss", "Plateau exit"])
+    rows = []
+    for run in done_runs(results):
+        for r in run["models"]:
+            if r["name"] != run["best"] and r["name"] != "ensemble":
+                continue
+            name = r["name"] + (STAR if r["name"] == run["best"] and len(run["models"]) > 1 else "")
+            rows.append([run["name"], run["method"], name, fmt_params(r["params"]), fmt(r["omega"], ".3f")]
+                        + _score_cells(r, tasks, glue) + [fmt(r["valid_loss"], ".3f"), _exit_cell(r)])
+    return md_table(header, rows)
+
+
+def peer_table(results: dict) -> str:
+    """Table 2: every peer and ensemble of every run, GLUE per task when fine-tuned; best peer ★."""
+    tasks, glue = _tasks(results), _glue_tasks(results)
+    header = (["Run", "Method", "Model", "Architecture", "Params", "ω"] + _score_header(results, tasks, glue)
+              + glue + ["Valid loss", "Plateau exit"])
+    rows = []
+    for run in done_runs(results):
+        for r in run["models"]:
+            name = r["name"] + (STAR if r["name"] == run["best"] and len(run["models"]) > 1 else "")
+            rows.append([run["name"], run["method"], name, r["arch"], fmt_params(r["params"]), fmt(r["omega"], ".3f")]
+                        + _score_cells(r, tasks, glue) + [fmt(r["glue"].get(t), ".3f") for t in glue]
+                        + [fmt(r["valid_loss"], ".3f"), _exit_cell(r)])
+    return md_table(header, rows)
+
+
+def _exit_cell(row: dict) -> str:
+    """The step at which a model's validation loss first was 0.5 nats below the unigram entropy."""
+    if row["name"] == "ensemble" or "plateau_exit_step" not in row:
+        return "–"
+    return "never" if row["plateau_exit_step"] is None else str(row["plateau_exit_step"])
+
+
+def significance_table(results: dict) -> str:
+    """Each method's best peer and ensemble vs MLM per task: difference, 95% paired-bootstrap interval, verdict."""
+    sig = results.get("significance")
+    if not sig:
+        return "No evaluated `mlm` run to compare with (or no zero-shot evaluation)."
+    ref = sig["reference"]
+    rows = [[r["run"], r["method"], r["model"], TASK_LABELS.get(r["task"], r["task"]), f"{r['diff']:+.2f}",
+             f"[{r['low']:+.2f}, {r['high']:+.2f}]", "yes" if r["significant"] else "no"] for r in sig["rows"]]
+    level = 100 * sig.get("level", 0.95)
+    text = [f"Zero-shot macro accuracy minus that of `{ref['run']}` ({ref['model']}), in points; paired bootstrap over "
+            f"the items ({sig.get('n_boot', 0):,} replicates, resampled within each group, the same items for both "
+            f"models), {level:.0f}% percentile interval. \"Exceeds noise\" = the interval excludes 0 (dwml/evaluation/stats.py).",
+            "", md_table(["Run", "Method", "Model", "Task", "Δ vs MLM", f"{level:.0f}% interval", "Exceeds noise"],
+                         rows)]
+    if sig.get("skipped"):
+        text += ["", "Not compared: " + "; ".join(sig["skipped"])]
+    return "\n".join(text)
+
+
+def sweep_table(results: dict) -> str:
+    _, label = metric_of(results)
+    rows = []
+    for base, family in sweep_points(results).items():
+        for axis, points in family.items():
+            for p in points:
+                rows.append([base, axis, _fmt_value(p["value"]), p["run"], fmt(p["best"], ".2f"),
+                             fmt(p["ensemble"], ".2f")])
+    return md_table(["Base run", "Axis", "Value", "Run", f"Best peer: {label}", "Ensemble"], rows) if rows else ""
+
+
+def outer_table(results: dict) -> str:
+    """Table 3: the outer step of each learned-omega run: unroll, outer steps, median centred |mixed| / |direct|."""
+    rows = []
+    for run in done_runs(results):
+        traj = run.get("omega_trajectory") or {}
+        if not run.get("omega_learned") or not traj.get("outer_step"):
+            continue
+        rows.append([run["name"], run["method"], run.get("unroll") or "n/a", str(len(traj["outer_step"]) - 1),
+                     fmt(run.get("mixed_ratio_median"), ".3g")])
+    return md_table(["Run", "Method", "Unroll", "Outer steps", "Median mixed / direct"], rows) if rows else ""
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def correlation_text(results: dict) -> str:
+    c = results.get("correlation") or omega_correlation(results)
+    runs = sorted({p["run"] for p in c["points"]})
+    r = "n/a (undefined for n < 3 or constant values)" if c["r"] is None else f"{c['r']:.3f}"
+    lines = [f"Pearson R between final ω and accuracy: **R = {r}**, n = {c['n']} peers pooled from "
+             f"{', '.join(runs) if runs else 'no learned-omega run'}; x = {c['x']}, y = {c['metric']} of each peer."]
+    for name, pr in c["per_run"].items():
+        lines.append(f"- {name}: R = {'n/a' if pr['r'] is None else format(pr['r'], '.3f')} (n = {pr['n']})")
+    return "\n".join(lines)
+
+
+def cost_table(results: dict) -> str:
+    """Table 9: wall time, GPU utilisation, analytic and measured FLOPs."""
+    header = ["Run", "Method", "Students", "Tokens/student", "Wall s", "GPU util", "Analytic FLOPs/student",
+              "Analytic total", "Measured/analytic (1 step)", "Outer step (× inner)", "Measured total"]
+    rows = []
+    for run in done_runs(results):
+        fl, t = run.get("flops", {}), run.get("timing") or {}
+        util = t.get("gpu_util_mean")
+        inner = fl.get("measured_micro_step")
+        outer = fl.get("measured_outer_step")
+        rows.append([
+            run["name"], run["method"], str(run["n_students"]), f"{run['budget']['tokens_per_student']:,.0f}",
+            fmt(t.get("wall_s"), ".0f", none="n/a") + (" (resumed)" if t.get("resumed") else ""),
+            "n/a" if util is None else f"{util:.0f}%",
+            " + ".join(fmt_flops(f) for f in fl.get("analytic_per_student", [])),
+            fmt_flops(fl.get("analytic_total")),
+            fmt(fl.get("ratio"), ".4f"),
+            "–" if not outer else f"{outer / inner:.2f} × {fl['outer_steps']}",
+            fmt_flops(fl.get("measured_total")),
+        ])
+    return md_table(header, rows)
+
+
+def _mask_frac(results: dict) -> float | None:
+    fracs = [r["flops"].get("mask_frac") for r in done_runs(results) if r.get("flops")]
+    return fracs[0] if fracs else None
+
+
+def _seq_len(results: dict) -> int:
+    return results["runs"][0]["budget"]["seq_len"] if results["runs"] else 1
+
+
+def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
+    """The whole report.md (figures: {kind: relative path} of the images written)."""
+    figures = figures or {}
+    d = results["data"]
+    runs = done_runs(results)
+    out = [f"# Experiment: {results['name']}", ""]
+    if results.get("description"):
+        out += [results["description"], ""]
+    pending = [r["name"] for r in results["runs"] if not r.get("alias_of") and not r.get("models")]
+    train_s = sum((r.get("timing") or {}).get("wall_s") or 0 for r in runs)
+    out.append(f"Config `{results.get('config_file', '')}`; {len(runs)} trained runs"
+               + (f", not trained yet: {', '.join(pending)}" if pending else "")
+               + (f"; this invocation took {results['wall_time_s']:.0f} s (finished stages are skipped)"
+                  if results.get("wall_time_s") is not None else "")
+               + (f"; training wall time summed over runs {train_s:.0f} s" if train_s else "")
+               + ".")
+    host = results.get("host") or {}
+    if host:
+        out.append(f"Host: {host.get('gpu') or 'CPU'}, {host.get('cpus')} CPUs, torch {host.get('torch')}, "
+                   f"OMP_NUM_THREADS={host.get('omp_num_threads')}, load average at start "
+                   f"{fmt((host.get('load_avg_start') or [None])[0], '.2f')}, at end "
+                   f"{fmt((host.get('load_avg_end') or [None])[0], '.2f')}.")
+    out += ["", "## Data and budget", "",
+            f"Prepared data `{d['prepared']}`: vocabulary {d['vocab_size']:,}, {fmt(d.get('train_words'), ',')} "
+            f"train words = {fmt(d.get('train_tokens'), ',')} tokens in {d['train_sequences']:,} packed sequences "
+            f"(mean length {d['mean_sequence_length']:.1f}), {fmt(d.get('valid_tokens'), ',')} valid tokens. "
+            f"Unigram entropy of the train split: {fmt(d.get('unigram_entropy'), '.3f')} nats - the validation loss "
+            "of a model that has learned token frequencies only; column Plateau exit = the first validation step "
+            "with a loss 0.5 nats below it (never: the model did not get there).",
+            "",
+            "Same data and budget: every run trains on these data with the same steps, batch, gradient accumulation "
+            "and sequence length, and the same seeded batch and mask stream, so every student sees the same tokens "
+            f"(column Tokens/student of Table 9: positions computed on, B x T per sequence; "
+            f"{100 * d['mean_sequence_length'] / max(1, _seq_len(results)):.0f}% of them are real tokens, the rest "
+            "padding of packed sequences). Compute is not equalised: an M-peer run trains M networks (and "
+            "DWML adds an outer ω step every K steps), kd adds a teacher forward; Table 9 gives the FLOPs."]
+    budgets = {(r["budget"]["steps"], r["budget"]["batch_size"], r["budget"]["grad_accum"], r["budget"]["seq_len"])
+               for r in results["runs"]}
+    if len(budgets) == 1:
+        steps, bs, ga, sl = budgets.pop()
+        out.append(f"All runs: {steps} steps x {bs} sequences x {ga} accumulation x {sl} tokens.")
+    else:
+        out.append("Note: the runs do NOT share one budget: " + "; ".join(
+            f"{r['name']}: {r['budget']['steps']} steps x {r['budget']['batch_size']} x {r['budget']['grad_accum']} "
+            f"x {r['budget']['seq_len']}" for r in results["runs"]))
+    if results.get("search"):
+        s = results["search"]
+        out.append(f"Peers: Bayesian-optimisation search below the reference {s['reference']['name']} "
+                   f"({fmt_params(s['reference']['params'])}): "
+                   + ", ".join(f"peer {p['peer']} {fmt_params(p['params'])} (target N/{p['peer'] + 1})"
+                               for p in s["peers"]) + ".")
+    ev, ft = results.get("eval"), results.get("finetune")
+    out += ["", "## Table 1: main results (best peer ★ and ensemble per run)", ""]
+    if ev:
+        out.append(f"Zero-shot: {', '.join(ev['tasks'])}, scoring {ev['method']}, "
+                   + (f"first {ev['limit']} pairs of every file" if ev.get("limit") else "all pairs")
+                   + f"; precision {ev.get('precision', 'fp32')}, EWoK pairing {ev.get('ewok_pairing', 'contexts')}"
+                   + "; macro accuracy over groups (%); a tie counts correct, as in BabyLM's pipeline (Strict mean: "
+                   "ties wrong; Ties: tied pairs over all tasks).")
+    if ft:
+        out.append(f"GLUE: fine-tuned {ft['models']} peer(s) on {', '.join(ft['tasks'])}, {ft['epochs']} epoch(s), "
+                   f"at most {ft['max_train_examples'] or 'all'} train / {ft['max_eval_examples'] or 'all'} eval "
+                   "examples (score = MCC for cola, F1 for mrpc/qqp, accuracy otherwise; average of tasks).")
+    out += ["", main_table(results)]
+    if ev:
+        out += ["", "### Differences vs MLM: beyond evaluation noise?", "", significance_table(results)]
+    out += ["", "## Table 2: every peer", "", peer_table(results)]
+    out += ["", "## Figure 3: ω over the outer steps", ""]
+    out.append(f"![omega trajectories]({figures['omega']})" if "omega" in figures else
+               "No learned-ω run with outer steps.")
+    table = outer_table(results)
+    if table:
+        out += ["", "## Table 3: the outer step", "",
+                "Per outer step, the hypergradient g = direct + mixed (eq. 3); both are centred (their mean over the "
+                "peers subtracted: mirror descent ignores a constant shift) and the ratio of their norms, "
+                "‖mixed‖ / ‖direct‖, logged; the table gives its median over the run's outer steps. "
+                "Unroll: the inner step differentiated (adamw = the optimizer's real step, sgd = eq. 3's "
+                "θ − γ∇L1, direct = adamw's θ' without the mixed term, ratio 0).", "", table]
+    out += ["", "## Figure 2: ablations, size and ω vs accuracy", ""]
+    if "ablations" in figures:
+        out.append(f"![ablations]({figures['ablations']})")
+    table = sweep_table(results)
+    if table:
+        out += ["", table]
+    out += ["", correlation_text(results)]
+    out += ["", "## Table 9: cost", "",
+            "Wall time of training (this machine; a resumed run counts only the resumed part); GPU util = mean of "
+            "NVML samples every 0.5 s (n/a: no GPU or no pynvml). Analytic FLOPs per student = (6 N_enc + 12 L T H "
+            "+ 6 f N_head) x tokens (N_enc = L(4H² + 2HI) encoder matmul weights, embeddings excluded; LM head "
+            "N_head = H² + VH only at the masked fraction f of the positions, f = mask_prob x the share of real, "
+            f"non-special tokens = {fmt(_mask_frac(results), '.3f')}; see dwml/models/flops.py); total adds kd's teacher "
+            "forwards. Measured: torch FlopCounterMode over one real training micro-step (all students, loss, "
+            "backward) divided by the analytic count of the same batch; outer step = one DWML ω step in units of "
+            "an inner step, times the number of outer steps; measured total = inner x steps + outer x outer steps.",
+            "", cost_table(results), ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _panels(n: int, width: float, height: float):
+    """A figure with n panels in rows of at most 3 (unused grid cells hidden): (fig, list of n axes)."""
+    cols = min(3, n)
+    fig = _figure(width * cols, height * math.ceil(n / cols))
+    axes = list(fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def plot_omega(results: dict, path: str | Path) -> bool:
+    """Figure 3: one panel per learned-omega run, one line per peer. False (nothing written) without such runs."""
+    runs = [r for r in done_runs(results) if r.get("omega_trajectory", {}).get("outer_step")]
+    if not runs:
+        return False
+    fig, axes = _panels(len(runs), 4.2, 3.2)
+    for ax, run in zip(axes, runs):
+        traj = run["omega_trajectory"]
+        names = [r for r in run["models"] if r["name"] != "ensemble"]
+        for i in range(len(traj["omega"][0])):
+            label = f"{names[i]['name']} ({fmt_params(names[i]['params'])})" if i < len(names) else f"peer{i}"
+            ax.plot(traj["outer_step"], [w[i] for w in traj["omega"]], label=label)
+        ax.set_title(f"{run['name']} ({run['method']})", fontsize=10)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("ω")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, Path(path))
+    return True
+
+
+def plot_ablations(results: dict, path: str | Path) -> bool:
+    """Figure 2: metric vs every sweep axis, vs parameters, vs final omega (with R)."""
+    key, label = metric_of(results)
+    panels: list[tuple[str, Any]] = []
+    for base, family in sweep_points(results).items():
+        for axis, points in family.items():
+            panels.append(("sweep", (base, axis, points)))
+    peers = [(run, r) for run in done_runs(results) for r in run["models"] if r["name"] != "ensemble"
+             and r[key] is not None]
+    if peers:
+        panels.append(("params", peers))
+    corr = results.get("correlation") or omega_correlation(results)
+    if corr["points"]:
+        panels.append(("omega", corr))
+    if not panels:
+        return False
+    fig, axes = _panels(len(panels), 4.2, 3.4)
+    for ax, (kind, data) in zip(axes, panels):
+        if kind == "sweep":
+            base, axis, points = data
+            categorical = any(isinstance(p["value"], (bool, str)) for p in points)
+            xs = list(range(len(points))) if categorical else [p["value"] for p in points]
+            ax.plot(xs, [p["best"] for p in points], "o-", label="best peer")
+            if any(p["ensemble"] is not None for p in points):
+                ax.plot([x for x, p in zip(xs, points) if p["ensemble"] is not None],
+                        [p["ensemble"] for p in points if p["ensemble"] is not None], "s--", label="ensemble")
+            if categorical:
+                ax.set_xticks(xs, [_fmt_value(p["value"]) for p in points])
+            ax.set_xlabel(axis)
+            ax.set_title(f"{base}: vs {axis}", fontsize=10)
+        elif kind == "params":
+            methods = sorted({run["method"] for run, _ in data})
+            for m in methods:
+                pts = [(r["params"], r[key]) for run, r in data if run["method"] == m]
+                ax.scatter([p for p, _ in pts], [v for _, v in pts], label=m, s=18)
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_title("vs model size (every peer)", fontsize=10)
+        else:
+            pts = data["points"]
+            ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], s=18)
+            r = "n/a" if data["r"] is None else f"{data['r']:.2f}"
+            ax.set_xlabel("M · final ω")
+            ax.set_title(f"vs final ω: R = {r} (n = {data['n']})", fontsize=10)
+        ax.set_ylabel(label if len(label) < 30 else label.split(" (")[0])
+        ax.grid(alpha=0.3)
+        if kind != "omega":
+            ax.legend(fontsize=7)
+    _save(fig, Path(path))
+    return True
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    """figures/omega.png, figures/ablations.png (when there is something to plot) and report.md."""
+    out_dir = Path(out_dir)
+    figures = {}
+    if plot_omega(results, out_dir / "figures" / "omega.png"):
+        figures["omega"] = "figures/omega.png"
+    if plot_ablations(results, out_dir / "figures" / "ablations.png"):
+        figures["ablations"] = "figures/ablations.png"
+    path = out_dir / "report.md"
+    write_text(path, render_report(results, figures))
+    return path

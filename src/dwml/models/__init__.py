@@ -1,0 +1,1 @@
+"""Architectures and presets, parameter and FLOP counts, the Bayesian-optimisation peer search."""

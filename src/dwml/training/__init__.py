@@ -1,0 +1,1 @@
+"""The training loop and `Trainer`, checkpoints, run directories, metrics, schedules, runtime."""

@@ -1,0 +1,87 @@
+"""The unigram plateau: the corpus' unigram entropy and the step at which a model's validation loss leaves it.
+
+A masked LM that has learned token frequencies and nothing else predicts every masked token with the training
+split's unigram distribution; its expected loss is then the unigram entropy H = -sum_v p(v) log p(v) (nats). A
+validation loss at H means "frequencies only"; `PLATEAU_MARGIN` nats below H is where we say a model has started to
+use context (`plateau_exit_step`).
+
+The entropy is taken over the token ids the MLM predicts: the document tokens of the train shard. Specials (<s>,
+</s>, <pad>, <mask>) are excluded - masking never selects them, so they are never a label - and the shards hold no
+specials anyway (packing adds <s>/</s>).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+PLATEAU_MARGIN = 0.5  # nats below the unigram entropy that count as "off the plateau"
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the empirical unigram distribution of `tokens` (ids < vocab_size)."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def train_unigram_entropy(prepared_dir: str | Path, meta: dict) -> float:
+    """meta.json's `unigram_entropy` (written by `dwml prepare`), else computed from the train shard.
+
+    Prepared directories written before the field existed get it computed on load: one bincount over the memmap
+    (a fraction of a second for millions of tokens), nothing written back.
+    """
+    value = meta.get("unigram_entropy")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    from ..data.shards import Shard
+
+    shard = Shard(prepared_dir, "train", check_values=False)
+    return unigram_entropy(shard.tokens, shard.vocab_size)
+
+
+def plateau_exit_step(valid_records: list[tuple[int, float]], entropy: float,
+                      margin: float = PLATEAU_MARGIN) -> int | None:
+    """First step whose validation loss is at least `margin` nats below `entropy`; None if never.
+
+    `valid_records` are (step, valid loss) pairs; they are scanned in step order.
+    """
+    for step, loss in sorted(valid_records):
+        if loss <= entropy - margin:
+            return int(step)
+    return None
+
+
+def valid_history(metrics_path: str | Path, n_students: int) -> list[list[tuple[int, float]]]:
+    """(step, valid loss) of every student from a run's metrics.jsonl (records with `valid_loss`)."""
+    from .metrics import read_records
+
+    history: list[list[tuple[int, float]]] = [[] for _ in range(n_students)]
+    for rec in read_records(metrics_path):
+        losses = rec.get("valid_loss")
+        if isinstance(losses, list) and len(losses) == n_students:
+            for i, x in enumerate(losses):
+                history[i].append((int(rec["step"]), float(x)))
+    return history
+
+
+def describe(valid_loss: float, entropy: float, exit_step: int | None) -> str:
+    """One plain sentence: how far below the unigram entropy a model got."""
+    gap = entropy - valid_loss
+    where = (f"left the plateau ({PLATEAU_MARGIN:g} nats below) at step {exit_step}" if exit_step is not None
+             else f"never {PLATEAU_MARGIN:g} nats below it")
+    if gap < -0.05:
+        verdict = "above the unigram entropy: it has not even learned the token frequencies yet"
+    elif gap < 0.05:
+        verdict = "on the unigram plateau: it has learned token frequencies only"
+    elif gap < PLATEAU_MARGIN:
+        verdict = "barely below the unigram plateau"
+    else:
+        verdict = "off the unigram plateau: it uses context"
+    side = "below" if gap >= 0 else "above"
+    return (f"valid loss {valid_loss:.3f} = {abs(gap):.3f} nats {side} the unigram entropy {entropy:.3f}: {verdict}; "
+            f"{where}")

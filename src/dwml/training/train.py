@@ -1,0 +1,642 @@
+"""The training loop: one or several students on the same batches and masks, any method, exact resume.
+
+`_train` is the loop, short enough to read at a glance; each phase is one method of `Trainer`: set-up (`__init__`:
+data, students, optimizers, omega), resume (`restore`), the step (`train_step`: micro-batches with gradient
+accumulation -> clip -> one optimizer step per student), DWML's outer omega step every K steps (`outer_step`),
+log / validation / checkpoint (`log_train`, `log_validation`, `save`) and export (`finish`). Everything a resumed run needs (weights, optimizer and scheduler states, omega, data
+stream positions, RNG states) is in the checkpoint, so a killed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .. import config as config_mod
+from . import rundir
+from ..checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_peers_file, \
+    check_prepared_tokenizer, check_same_tokenizer
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..config import RunConfig
+from ..errors import DwmlError
+from ..distill.hypergrad import MirrorDescentConfig, OmegaState, hypergradient, mixed_ratio
+from ..io import atomic_dir, write_json, write_text
+from ..distill.losses import ensemble_loss, mlm_loss
+from ..data.masking import BatchStream, MaskedBatch, Prefetcher
+from ..distill.methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
+from .metrics import MetricsLog
+from ..models.model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
+from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
+from .runtime import Runtime, compute_cleanup, compute_init
+from .schedule import lr_factor
+from ..distill.selfdistill import SelfDistillHeads
+from ..data.shards import PackedSequences, load_meta
+from ..data.tokenizer import copy_tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
+    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
+    Presets and peer tables are built in `model.family`; a peers file (or table) that names another family is an
+    error rather than a silent switch of the family."""
+    m = cfg.model
+    positions = cfg.data.seq_len + POSITION_OFFSET
+    archs: list[tuple[str, Arch]] = []
+    if m.peers_file:
+        from ..models.search import read_peers_file
+
+        peers = read_peers_file(m.peers_file)
+        archs = [(f"peer{i}", a) for i, (a, _) in enumerate(peers)]
+        families = sorted({a.family for _, a in archs})
+        if families != [m.family]:
+            raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
+                            f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
+        check_peers_file(m.peers_file, [table for _, table in peers], vocab_size, positions)
+    for i, p in enumerate(m.peers):
+        if isinstance(p, str):
+            archs.append((p, get_preset(p, m.family)))
+        elif isinstance(p, dict):
+            check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
+            if p.get("family", m.family) != m.family:  # e.g. searched peers of another family than this run's
+                raise DwmlError(f"model.peers[{i}]: a {p['family']} architecture, but model.family is {m.family}")
+            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
+                                                              f"model.peers[{i}]")))
+        else:
+            raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
+    if not archs:
+        a = get_preset(m.preset, m.family)
+        overrides = {k: getattr(m, k) for k in ("layers", "heads", "hidden", "intermediate") if getattr(m, k)}
+        archs = [(m.preset, a.replace(**overrides) if overrides else a)]
+    method = cfg.train.method
+    if method in PEER_METHODS and len(archs) < 2:
+        raise DwmlError(f"train.method {method}: needs at least 2 peers (model.peers or model.peers_file)")
+    if method == "sd" and len(archs) != 1:
+        raise DwmlError("train.method sd: trains a single network; give model.preset, not model.peers")
+    return [(name, a.replace(vocab_size=vocab_size, max_positions=positions)) for name, a in archs]
+
+
+def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay. On CUDA the fused kernel (one
+    launch for all parameters instead of several per tensor); the CPU has no fused AdamW worth using."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
+
+
+def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
+    """A frozen teacher MLM; refuses one trained with another vocabulary than this run's tokenizer."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    p = Path(path)
+    if (p / "final" / "peer0" / "config.json").is_file():  # a run directory: take its (first) model
+        p = p / "final" / "peer0"
+    if not (p / "config.json").is_file():
+        raise DwmlError(f"distill.teacher: {path} is not a model directory (no config.json) or a finished run")
+    ours = AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
+    try:
+        theirs = AutoTokenizer.from_pretrained(p).get_vocab()
+    except (OSError, ValueError):
+        raise DwmlError(f"distill.teacher: {p} has no tokenizer files; cannot check its vocabulary") from None
+    if ours != theirs:
+        raise DwmlError(f"distill.teacher: {p} uses a different tokenizer/vocabulary than {tokenizer_dir}")
+    teacher = AutoModelForMaskedLM.from_pretrained(p).to(device).eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    return teacher
+
+
+class _Subset:
+    """A view of some sequences of a PackedSequences (used to split valid into reporting and held-out parts)."""
+
+    def __init__(self, base, indices: np.ndarray):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    def gather(self, indices: np.ndarray, pad_id: int):
+        return self.base.gather(self.indices[np.asarray(indices)], pad_id)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Batches:
+    train: BatchStream | Prefetcher
+    heldout: BatchStream | Prefetcher | None
+    valid: list  # fixed MaskedBatches for reporting
+
+
+def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, need_heldout: bool) -> Batches:
+    t, dcfg = cfg.train, cfg.data
+    common = dict(vocab_size=vocab_size, mask_prob=dcfg.mask_prob)
+    train_seqs = PackedSequences(prepared, "train", dcfg.seq_len)
+    if len(train_seqs) < t.batch_size * rt.world_size:
+        raise DwmlError(f"{prepared}: train split has {len(train_seqs)} sequences, fewer than one batch "
+                        f"({t.batch_size} x {rt.world_size} ranks); use a smaller train.batch_size or more data")
+    train = BatchStream(train_seqs, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size, **common)
+    valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
+    n = len(valid_seqs)
+    # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
+    # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
+    # learned omega or not, so all runs of an experiment report on the same sequences.
+    n_held = min(dcfg.heldout_sequences, n // 2)
+    report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
+    report = _Subset(valid_seqs, report_idx)
+    bs = min(t.eval_batch_size, len(report))
+    if bs < 1:
+        raise DwmlError(f"{prepared}: valid split is empty")
+    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
+    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
+                          mask_prob=dcfg.eval_mask_prob)
+    n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
+    valid = [next(vstream) for _ in range(n_valid)]
+    heldout = None
+    if need_heldout:
+        if n_held < 1:
+            raise DwmlError(f"{prepared}: valid split too small to hold out sequences for the outer loop")
+        held = _Subset(valid_seqs, held_idx)
+        held_bs = cfg.distill.heldout_batch_size or max(1, t.batch_size // 2)
+        heldout = BatchStream(held, min(held_bs, len(held)), seed=t.seed + 2, rank=0, world_size=1, **common)
+    return Batches(train, heldout, valid)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run, phase by phase
+
+
+class Interrupted(Exception):
+    """Raised by `train(..., stop_after=N)`: simulates a run killed right after step N (its checkpoint written)."""
+
+
+def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Train according to `cfg` into `cfg.out_dir`; returns the final summary (also written to final/summary.json).
+
+    `stop_after` (tests) stops the run after that step as if it had been killed there; `save_every` must divide it
+    for the run to be resumable without repeating steps.
+    """
+    cfg.validate()
+    t = cfg.train
+    rt = compute_init(t.device, t.seed, t.dtype)
+    try:
+        with rundir.RunLock(cfg.out_dir, enabled=rt.is_master):  # one trainer per run directory
+            return _train(cfg, rt, resume, stop_after)
+    finally:
+        compute_cleanup()
+
+
+def _train(cfg: RunConfig, rt: Runtime, resume: bool, stop_after: int | None = None) -> dict:
+    """The loop. Each phase is one method of `Trainer`; `_loop` only decides when each runs."""
+    t0 = time.perf_counter()
+    run = Trainer(cfg, rt)  # set-up: students, optimizers, omega, data streams
+    run.timings["setup"] = time.perf_counter() - t0
+    try:
+        return _loop(run, resume, stop_after)
+    finally:
+        run.close()
+
+
+def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
+    cfg, rt = run.cfg, run.rt
+    t, d = cfg.train, cfg.distill
+    with run.phase("setup"):
+        # Master: placement checks, the run id; --no-resume moves the previous run aside (see dwml.training.rundir).
+        run.run_id = rundir.begin_run(run.run_dir, cfg.data.prepared, resume) if rt.is_master else None
+        rt.barrier()
+        resumed = run.restore() if resume else False
+        run.open_log(resumed)
+    if run.step == 0 and rt.is_master:
+        with run.phase("initial_validation"):
+            run.initial_validation()
+    run.start_clock()
+    bar = tqdm(total=t.max_steps, initial=run.step, disable=not (t.progress and rt.is_master), desc=t.method,
+               dynamic_ncols=True)
+    while run.step < t.max_steps:
+        lr = run.lr()
+        stats = run.train_step()  # micro-batches -> backward -> clip -> one optimizer step per student
+        step = run.step
+        record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
+        if step % t.log_every == 0 or record or step == t.max_steps:
+            run.log_train(stats, lr, record, bar)
+        if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
+            with run.phase("validation"):
+                run.log_validation(bar)
+        if step % t.save_every == 0 or step == t.max_steps:
+            with run.phase("checkpoint"):
+                run.save()
+        bar.update(1)
+        if stop_after is not None and stop_after <= step < t.max_steps:
+            bar.close()
+            raise Interrupted(f"stopped after step {step}")
+    bar.close()
+    return run.finish()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step leaves for the log and the outer step: per-peer loss parts, gradient norms, its last
+    micro-batch and, for a teacher method that learns omega (kd_dwml), the teacher's logits on that micro-batch."""
+
+    parts: dict[str, torch.Tensor]  # per-peer numbers, still on the device
+    grad_norms: list[torch.Tensor]
+    batch: MaskedBatch
+    teacher_logits: torch.Tensor | None = None
+
+
+class Trainer:
+    """Everything a run holds. `__init__` is the set-up phase; the other methods are the loop's phases."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        t, d, method = cfg.train, cfg.distill, cfg.train.method
+        self.run_dir = Path(cfg.out_dir)
+        prepared = Path(cfg.data.prepared)
+        meta = load_meta(prepared)
+        vocab_size = int(meta["vocab_size"])
+        self.unigram = train_unigram_entropy(prepared, meta)  # the "frequencies only" loss, next to valid loss
+        self.tokenizer_dir = prepared / "tokenizer"
+        self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
+        self.archs = resolve_archs(cfg, vocab_size)
+        n = len(self.archs)
+
+        # Students: a fresh init per peer from (seed, peer index), identical on every rank.
+        self.students: list[Student] = []
+        for i, (_, arch) in enumerate(self.archs):
+            mlm = build_model(arch, seed=t.seed * 1000 + i, dropout=cfg.model.dropout)
+            aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
+            self.students.append(Student(mlm, aux).to(rt.device))
+        self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
+        self.optimizers = [make_optimizer(s, t) for s in self.students]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in self.optimizers]
+        if d.omega and len(d.omega) != n:
+            raise DwmlError(f"distill.omega: {len(d.omega)} weights given for {n} students")
+        # Initial omega: as given (normalised onto the simplex) or uniform; dml always keeps it uniform (1/M).
+        self.omega = OmegaState(torch.tensor(d.omega, dtype=torch.float64) / sum(d.omega)) \
+            if d.omega and method != "dml" else OmegaState.uniform(n)
+        self.mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
+                                          total_steps=max(1, t.max_steps // d.outer_every))
+        self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
+        self.batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
+        if cfg.data.prefetch:  # build the next batches in a background thread, page-locked for async copies
+            pin = rt.device.type == "cuda"
+            self.batches.train = Prefetcher(self.batches.train, cfg.data.prefetch, pin)
+            if self.batches.heldout is not None:
+                self.batches.heldout = Prefetcher(self.batches.heldout, cfg.data.prefetch, pin)
+        self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
+
+        # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
+        self.models: list[torch.nn.Module] = list(self.students)
+        if rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.models = [DDP(s, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                           for s in self.students]
+        if t.compile:
+            self.models = [torch.compile(m) for m in self.models]
+        self.loss_fn = METHOD_LOSSES[method]
+        self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
+        self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
+        self.log: MetricsLog | None = None
+        # NaN/inf losses and gradient norms: flags stay on the device, read on the steps that log, validate, save or
+        # take an outer step (dwml.checks), so nothing non-finite is written and no extra sync is added.
+        # (Save steps are not listed: `save` runs the same check, with the weights', before it writes.)
+        cadences = (t.log_every, t.eval_every) + ((d.outer_every,) if self.learn_omega else ())
+        self.guard = NonFiniteGuard(t.max_nonfinite_skips, rt.device, cadences, t.max_steps)
+        self.timings: dict[str, float] = {}  # seconds per phase of this process, in final/summary.json
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop the data threads (also on errors and interruptions)."""
+        for stream in (self.batches.train, self.batches.heldout):
+            if isinstance(stream, Prefetcher):
+                stream.close()
+        if self.log is not None:  # flush and close the TensorBoard writer
+            self.log.close()
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest checkpoint of the run directory, if any; True when there was one."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return False
+        state = load_checkpoint(ckpts[-1])
+        rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id)  # same run, same config
+        check_checkpoint_matches(state, self.students, ckpts[-1])  # and a dwml state of these students' shapes
+        for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
+                             (self.schedulers, "schedulers")):
+            for m, sd in zip(modules, state[key]):
+                m.load_state_dict(sd)
+        self.omega.load_state_dict(state["omega"])
+        self.omega_device = self.omega.omega.to(self.rt.device)
+        self.batches.train.load_state_dict(state["train_stream"])
+        if self.batches.heldout is not None and state.get("heldout_stream"):
+            self.batches.heldout.load_state_dict(state["heldout_stream"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.rt.rank] if isinstance(rng, list) else rng)
+        self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.initial_valid = state.get("initial_valid_loss")
+        return True
+
+    def open_log(self, resumed: bool) -> None:
+        if self.rt.is_master:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resumed else None, self.rt.is_master,
+                              tensorboard=self.cfg.train.tensorboard)
+
+    def start_clock(self) -> None:
+        self.loop_start = time.perf_counter()
+        self.window_start, self.window_tokens, self.window_wait = self.loop_start, self.batches.train.tokens_seen, 0.0
+
+    def elapsed(self) -> float:
+        """Training wall time (validation included), summed over resumed segments of the run."""
+        return self.elapsed_before + time.perf_counter() - self.loop_start
+
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    # -- step ---------------------------------------------------------------------------------------------------
+    def attention_mask(self, batch: MaskedBatch) -> torch.Tensor:
+        """On CUDA the (B, 1, 1, T) boolean mask SDPA takes as it is: given the 2-D mask, transformers first checks
+        on the host whether it has padding at all (`mask.all()`), a GPU sync in every forward of every student."""
+        if self.rt.device.type != "cuda":
+            return batch.attention_mask
+        return batch.attention_mask[:, None, None, :].bool()
+
+    def forward_all(self, batch: MaskedBatch, train_mode: bool, modules=None) -> list:
+        outs, mask = [], self.attention_mask(batch)
+        for m in modules or self.models:
+            m.train(train_mode)
+            with self.rt.autocast():
+                outs.append(m(batch.input_ids, mask, batch.positions))
+        return outs
+
+    def teacher_logits(self, batch: MaskedBatch) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad(), self.rt.autocast():
+            return masked_logits(self.teacher, batch.input_ids, self.attention_mask(batch), batch.positions)
+
+    def next_batch(self, stream) -> MaskedBatch:
+        """The next batch on the device; the time the loop waited for it counts into the log's data_wait_s."""
+        t0 = time.perf_counter()
+        batch = next(stream)
+        self.window_wait += time.perf_counter() - t0
+        return batch.to(self.rt.device, non_blocking=self.non_blocking)
+
+    def train_step(self) -> StepStats:
+        """One optimizer step of every student: gradient accumulation over micro-batches, clip, AdamW, schedule.
+
+        Nothing here waits for the GPU: loss parts and gradient norms stay on the device until a log step reads them
+        (token counts come from the data stream, on the host)."""
+        t, rt = self.cfg.train, self.rt
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        micro_batches = [self.next_batch(self.batches.train) for _ in range(t.grad_accum)]
+        # Each loss is a mean over its micro-batch's masked tokens, whose number varies. Weighting every micro-batch
+        # by its share of all masked tokens of the step (over all ranks; DDP then averages over ranks, hence the
+        # world_size factor) makes accumulation and DDP compute exactly the gradient of the one big batch.
+        counts = [b.labels.numel() for b in micro_batches]
+        n_masked: float | torch.Tensor = float(sum(counts))
+        if rt.ddp:
+            n_masked = torch.full((), n_masked, device=rt.device)  # a fill kernel, not a blocking host copy
+            dist.all_reduce(n_masked)
+        parts: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(micro_batches):
+            # With DDP, only the last micro-batch all-reduces gradients.
+            sync = contextlib.ExitStack()
+            if rt.ddp and micro < t.grad_accum - 1:
+                for m in self.models:
+                    sync.enter_context(m.no_sync())
+            with sync:
+                outs = self.forward_all(batch, train_mode=True)  # the losses upcast to fp32 where they need it
+                teacher = self.teacher_logits(batch)
+                loss, micro_parts = self.loss_fn(outs, batch.labels, self.omega_device, teacher, self.cfg.distill)
+                (loss * (counts[micro] * rt.world_size / n_masked)).backward()
+                self.guard.observe(loss)
+            share = counts[micro] / sum(counts)
+            for k, v in micro_parts.items():
+                parts[k] = parts[k] + v * share if k in parts else v * share
+        grad_norms = [torch.nn.utils.clip_grad_norm_(s.parameters(), t.grad_clip) for s in self.students] \
+            if t.grad_clip > 0 else []
+        self.guard.observe(grad_norms)
+        apply_update = self.guard.step_ok(self.step + 1)  # False only for a skipped step (max_nonfinite_skips)
+        for o, sc in zip(self.optimizers, self.schedulers):
+            if apply_update:
+                o.step()
+            sc.step()
+        self.step += 1
+        self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
+        return StepStats(parts, grad_norms, micro_batches[-1], teacher if self.learn_omega else None)
+
+    # -- outer step ---------------------------------------------------------------------------------------------
+    def outer_step(self, stats: StepStats, lr: float) -> dict:
+        """DWML's omega step after the optimizer step `stats`: hypergradient of eq. (3) on a held-out batch, mirror
+        descent of eq. (4)."""
+        d, rt = self.cfg.distill, self.rt
+        held = self.next_batch(self.batches.heldout)
+        # sgd: the paper's step size gamma (default: this step's lr); adamw/direct: each peer's own lr (the one its
+        # next real step uses) unless distill.gamma overrides it.
+        gamma = (lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
+        # L1 of eq. (3) on as many sequences of the last training batch as the held-out batch has: the outer
+        # step costs ~3 inner steps of its batch size, so this halves its cost at the default sizes.
+        batch = stats.batch
+        inner = batch.head(held.input_ids.shape[0])
+        if inner.labels.numel() == 0:
+            inner = batch
+        # kd_dwml: the teacher's logits of the inner step on this batch, restricted to the head's masked positions
+        # (its first ones), rather than a second teacher forward; L2 on the held-out batch has no teacher term.
+        teacher = None if stats.teacher_logits is None else stats.teacher_logits[: inner.labels.numel()]
+        g, info = hypergradient(
+            self.students, inner, held, self.omega.omega.to(rt.device),
+            alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
+            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
+            grad_clip=self.cfg.train.grad_clip, teacher_logits=teacher,
+            teacher_weight=d.teacher_weight,
+        )
+        if rt.ddp:  # every rank must take the same omega step: average the hypergradients
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            g /= rt.world_size
+        # The outer step's one host read: the mirror descent step needs g on the host, the record the rest.
+        m = g.numel()
+        host = torch.cat([g, info["direct"], info["mixed"], info["l2"].reshape(1).to(g.dtype)]).cpu()
+        g, direct, mixed, l2 = host[:m], host[m : 2 * m], host[2 * m : 3 * m], float(host[3 * m])
+        ratio = mixed_ratio(direct, mixed)
+        self.omega.update(g, self.mirror)
+        self.omega_device = self.omega.omega.to(rt.device)
+        return dict(outer_step=self.omega.step, omega=self.omega.omega.tolist(), hypergrad=g.tolist(), l2=l2,
+                    mixed_ratio=ratio if math.isfinite(ratio) else None)
+
+    # -- log and validation -------------------------------------------------------------------------------------
+    def log_train(self, stats: StepStats, lr: float, record: dict, bar) -> None:
+        """One metrics line: the only place the step's device-side numbers are read (one host sync per log step)."""
+        now = time.perf_counter()
+        tokens = self.batches.train.tokens_seen
+        tps = (tokens - self.window_tokens) * self.rt.world_size / max(now - self.window_start, 1e-9)
+        wait = self.window_wait
+        self.window_start, self.window_tokens, self.window_wait = now, tokens, 0.0
+        parts = {k: v.tolist() for k, v in stats.parts.items()}
+        ce = parts.get("ce")
+        grad_norm = torch.stack(stats.grad_norms).tolist() if stats.grad_norms else None
+        self.log.write(**record, step=self.step, elapsed_s=self.elapsed(), lr=lr, tokens_per_s=tps,
+                       data_wait_s=wait, train_ce=ce, grad_norm=grad_norm,
+                       **({} if "omega" in record else {"omega": self.omega.omega.tolist()}))
+        bar.set_postfix(loss=f"{min(ce or [float('nan')]):.3f}", tok_s=f"{tps:,.0f}")
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean validation loss of every student (and of the omega ensemble) on the fixed validation batches."""
+        n = len(self.students)
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=self.rt.device)
+        for vb in self.batches.valid:
+            vb = vb.to(self.rt.device)
+            # The bare students, not their DDP wrappers: validation runs on rank 0 alone.
+            logits = [o[0] for o in self.forward_all(vb, train_mode=False, modules=self.students)]
+            for i, z in enumerate(logits):
+                sums[i] += mlm_loss(z, vb.labels)
+            if n > 1:  # the ensemble of one model is that model
+                sums[-1] += ensemble_loss(logits, vb.labels, self.omega_device, kind="ensemble")
+        sums = (sums / len(self.batches.valid)).tolist()  # one host sync for the whole validation
+        out = {"valid_loss": sums[:-1]}
+        if n > 1:
+            out["valid_ensemble_loss"] = sums[-1]
+        return out
+
+    def initial_validation(self) -> None:
+        first = self.validate()
+        self.log.write(step=0, **first, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
+        self.initial_valid = first["valid_loss"]
+
+    def log_validation(self, bar) -> None:
+        v = self.validate()
+        self.log.write(step=self.step, **v, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
+        bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"])
+                  + f" (unigram entropy {self.unigram:.4f})")
+
+    # -- checkpoint ---------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.guard.check(self.students, self.omega.omega)  # a checkpoint never holds NaN weights
+        state = {
+            "step": self.step,
+            "students": [s.state_dict() for s in self.students],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [sc.state_dict() for sc in self.schedulers],
+            "omega": self.omega.state_dict(),
+            "train_stream": self.batches.train.state_dict(),
+            "heldout_stream": self.batches.heldout.state_dict() if self.batches.heldout is not None else None,
+            "rng": _gather_rng(self.rt),
+            "config": config_mod.to_toml(self.cfg),
+            "elapsed_s": self.elapsed(),
+            "initial_valid_loss": self.initial_valid,
+            "run_id": self.run_id,
+        }
+        if self.rt.is_master:
+            save_checkpoint(self.run_dir, self.step, state)
+        self.rt.barrier()
+
+    # -- export -------------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Final validation, summary and Hugging Face export (rank 0); returns the summary ({} on other ranks)."""
+        rt = self.rt
+        dump = os.environ.get("DWML_RANK_DUMP")
+        if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            torch.save({"students": [s.state_dict() for s in self.students], "omega": self.omega.omega.clone()},
+                       Path(dump) / f"rank{rt.rank}.pt")
+        summary: dict = {}
+        self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
+        if rt.is_master:
+            self.timings["steps"] = self.elapsed() - self.elapsed_before - sum(
+                self.timings.get(k, 0.0) for k in ("validation", "checkpoint"))
+            with self.phase("final_validation"):
+                final = self.validate()
+            history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
+            exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
+                     for h, v in zip(history, final["valid_loss"])]
+            summary = {
+                "method": self.cfg.train.method,
+                "steps": self.step,
+                "omega": self.omega.omega.tolist(),
+                "omega_learned": self.learn_omega,
+                "peers": [
+                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v,
+                     "plateau_exit_step": x}
+                    for (n, a), v, x in zip(self.archs, final["valid_loss"], exits)
+                ],
+                "unigram_entropy": self.unigram,
+                "initial_valid_loss": self.initial_valid,
+                "train_seconds": self.elapsed(),
+                "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
+                "valid_ensemble_loss": final.get("valid_ensemble_loss"),
+                "tokenizer": str(self.tokenizer_dir),
+                "tokenizer_sha256": self.tokenizer_sha,
+                "timings_s": {k: round(v, 3) for k, v in self.timings.items()},  # export is not included
+            }
+            check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
+            export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
+        rt.barrier()
+        return summary
+
+
+def _student_forward(model, input_ids, attention_mask, positions):
+    return model(input_ids, attention_mask, positions)[0]
+
+
+def _gather_rng(rt: Runtime):
+    """RNG states of every rank (dropout differs per rank), so each resumes its own stream."""
+    mine = _rng_state()
+    if not rt.ddp:
+        return mine
+    everyone: list = [None] * rt.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
+    """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
+    with atomic_dir(run_dir / "final") as tmp:
+        for i, s in enumerate(students):
+            s.mlm.save_pretrained(tmp / f"peer{i}")
+            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
+        write_json(tmp / "summary.json", summary)
