@@ -21,7 +21,7 @@ from dwml.distill.hypergrad import MODES, hypergradient
 from dwml.distill.losses import dwml_inner_loss
 from dwml.data.masking import MaskedBatch
 from dwml.models.model import Arch, build_model, masked_logits
-from dwml.training.train import make_optimizer
+from dwml.training.setup import make_optimizer
 
 
 def random_batch(gen: torch.Generator, rows: int, seq_len: int, vocab: int, mask_prob: float = 0.15) -> MaskedBatch:

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from dwml.config import RunConfig, from_dict, merge
-from dwml.evaluation.finetune import FinetuneConfig
+from dwml.evaluation.glue import FinetuneConfig
 
 WORDS = "the a cat bird fish sat ran on in mat park tree big small red blue saw near under over".split()
 

@@ -242,7 +242,7 @@ def test_peers_file_of_another_vocabulary_is_refused(tiny_prepared, tmp_path, ca
 
 def test_peers_file_is_read_once_when_a_run_resolves_its_peers(tiny_prepared, tmp_path, monkeypatch):
     """The architectures and the vocabulary/positions check come from one read and parse of the peers file."""
-    from dwml.training.train import resolve_archs
+    from dwml.training.setup import resolve_archs
     from runfixtures import make_cfg
 
     path = tmp_path / "peers.json"

@@ -5,7 +5,8 @@ from pathlib import Path
 
 
 from dwml.cli import main
-from dwml.experiments.experiment import load_experiment, plan_runs
+from dwml.experiments.config import load_experiment
+from dwml.experiments.plan import plan_runs
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu-compare-9min.toml"
 

@@ -68,7 +68,8 @@ def test_documented_device_calls_fit_the_run_tool(tmp_path):
 def test_packed_data_and_peers_are_what_the_experiment_reuses(tmp_path):
     """The session copies .gpu/data to OUT/data: the experiment must take it as prepared (no prepare on the device)
     with the config's vocabulary, and .gpu/peers.json must match the config's search settings (the fallback)."""
-    from dwml.experiments.experiment import ensure_data, ensure_peers, load_experiment
+    from dwml.experiments.stages import ensure_data, ensure_peers
+    from dwml.experiments.config import load_experiment
     from dwml.data.shards import load_meta
 
     cfg = load_experiment(REPO / "configs" / "gpu-compare-9min.toml")

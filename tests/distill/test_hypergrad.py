@@ -266,7 +266,7 @@ def make_adamw(peers, lrs=(3e-3, 1e-3, 2e-3)):
     steps on other batches, so its moments, step count and bias corrections are not trivial."""
     from types import SimpleNamespace
 
-    from dwml.training.train import make_optimizer
+    from dwml.training.setup import make_optimizer
 
     hp = SimpleNamespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-6)
     opts = [make_optimizer(m, hp) for m in peers]

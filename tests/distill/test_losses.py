@@ -279,10 +279,10 @@ def test_mlm_loss_fused_cpu_path_matches_cross_entropy(dtype):
     """On the CPU with a gradient wanted, mlm_loss takes the fused closed-form path: same value and gradient as
     F.cross_entropy (several chunks, labels anywhere in the vocabulary), scaled by an outer weight; a second
     derivative raises instead of silently being 0."""
-    from dwml.distill import losses
+    from dwml.distill import fused as fused_mod, losses
 
     torch.manual_seed(1)
-    z = (3 * torch.randn(losses._ROW_CHUNK * 3 + 5, 50, dtype=dtype)).requires_grad_(True)
+    z = (3 * torch.randn(fused_mod.ROW_CHUNK * 3 + 5, 50, dtype=dtype)).requires_grad_(True)
     labels = torch.randint(0, 50, (z.shape[0],))
     fused = losses.mlm_loss(z, labels)
     assert fused.grad_fn is not None and "FusedPeerLoss" in type(fused.grad_fn).__name__
@@ -344,10 +344,10 @@ def test_dwml_coefficients_outer_matches_autograd_reference(temperature, n):
 def test_ensemble_loss_closed_form_matches_autograd(omega):
     """L2 with gradients wanted takes the closed-form path: the value and the gradients w.r.t. every peer's logits
     and omega equal autograd through `ensemble_logprobs` (float64, several chunks, a zero weight included)."""
-    from dwml.distill import losses
+    from dwml.distill import fused, losses
 
     torch.manual_seed(5)
-    n = losses._ROW_CHUNK * 2 + 3
+    n = fused.ROW_CHUNK * 2 + 3
     zs = [(2 * torch.randn(n, 17, dtype=torch.float64)).requires_grad_(True) for _ in range(3)]
     labels = torch.randint(0, 17, (n,))
     w = torch.tensor(omega, dtype=torch.float64, requires_grad=True)

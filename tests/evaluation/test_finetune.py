@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dwml.evaluation import finetune as ft
+from dwml.evaluation import finetune as ft, glue
 from dwml.errors import DwmlError
 from dwml.models.model import Arch, build_model
 
@@ -67,17 +67,17 @@ def test_metrics_hand_values():
     preds = np.array([1, 1, 1, 0, 0, 0, 1, 0, 1, 1])
     # TP=4 FN=1 FP=2 TN=3
     assert ft.accuracy(preds, labels) == pytest.approx(0.7)
-    assert ft.binary_f1(preds, labels) == pytest.approx(8 / 11)
-    assert ft.matthews_corrcoef(preds, labels) == pytest.approx((4 * 3 - 2 * 1) / math.sqrt(6 * 5 * 5 * 4))
-    assert ft.matthews_corrcoef(labels, labels) == pytest.approx(1.0)
-    assert ft.matthews_corrcoef(1 - labels, labels) == pytest.approx(-1.0)
-    assert ft.matthews_corrcoef(np.ones(10, int), labels) == 0.0  # constant predictions
-    assert ft.binary_f1(np.zeros(4, int), np.zeros(4, int)) == 0.0  # no positives anywhere
+    assert glue.binary_f1(preds, labels) == pytest.approx(8 / 11)
+    assert glue.matthews_corrcoef(preds, labels) == pytest.approx((4 * 3 - 2 * 1) / math.sqrt(6 * 5 * 5 * 4))
+    assert glue.matthews_corrcoef(labels, labels) == pytest.approx(1.0)
+    assert glue.matthews_corrcoef(1 - labels, labels) == pytest.approx(-1.0)
+    assert glue.matthews_corrcoef(np.ones(10, int), labels) == 0.0  # constant predictions
+    assert glue.binary_f1(np.zeros(4, int), np.zeros(4, int)) == 0.0  # no positives anywhere
     # 3 classes: C = [[2,1,0],[0,2,0],[1,0,1]] (rows true), t=(3,2,2) p=(3,3,1) c=5 s=7
     y = np.array([0, 0, 0, 1, 1, 2, 2])
     p = np.array([0, 0, 1, 1, 1, 0, 2])
     expect = (5 * 7 - (9 + 6 + 2)) / math.sqrt((49 - (9 + 9 + 1)) * (49 - (9 + 4 + 4)))
-    assert ft.matthews_corrcoef(p, y) == pytest.approx(expect)
+    assert glue.matthews_corrcoef(p, y) == pytest.approx(expect)
     assert ft.compute_metrics(("accuracy", "mcc"), preds, labels) == {
         "accuracy": pytest.approx(0.7), "mcc": pytest.approx(10 / math.sqrt(600))}
 
@@ -89,9 +89,9 @@ def test_metrics_match_sklearn():
         for _ in range(5):
             y, p = rng.integers(0, k, 50), rng.integers(0, k, 50)
             assert ft.accuracy(p, y) == pytest.approx(metrics.accuracy_score(y, p))
-            assert ft.matthews_corrcoef(p, y) == pytest.approx(metrics.matthews_corrcoef(y, p))
+            assert glue.matthews_corrcoef(p, y) == pytest.approx(metrics.matthews_corrcoef(y, p))
             if k == 2:
-                assert ft.binary_f1(p, y) == pytest.approx(metrics.f1_score(y, p))
+                assert glue.binary_f1(p, y) == pytest.approx(metrics.f1_score(y, p))
 
 
 def test_linear_warmup_decay():
@@ -106,13 +106,13 @@ def test_linear_warmup_decay():
 
 def test_carve_split_stratified_and_seeded():
     labels = [0] * 30 + [1] * 11 + [2] * 5
-    tr, ev = ft.carve_split(labels, 0.5, seed=3)
+    tr, ev = glue.carve_split(labels, 0.5, seed=3)
     assert sorted(np.concatenate([tr, ev]).tolist()) == list(range(len(labels)))
     assert set(tr.tolist()).isdisjoint(ev.tolist())
     counts = np.bincount(np.asarray(labels)[tr], minlength=3)
     assert counts.tolist() == [15, round(5.5), round(2.5)]
-    tr2, _ = ft.carve_split(labels, 0.5, seed=3)
-    tr3, _ = ft.carve_split(labels, 0.5, seed=4)
+    tr2, _ = glue.carve_split(labels, 0.5, seed=3)
+    tr3, _ = glue.carve_split(labels, 0.5, seed=4)
     assert np.array_equal(tr, tr2) and not np.array_equal(tr, tr3)
 
 
@@ -120,7 +120,7 @@ def test_carve_split_keeps_groups_together():
     # Groups of sizes 1..8; group g's label is g % 2 (so each group is pure and strata are the even/odd groups).
     groups = [g for g in range(1, 9) for _ in range(g)]
     labels = [g % 2 for g in groups]
-    tr, ev = ft.carve_split(labels, 0.5, seed=0, groups=groups)
+    tr, ev = glue.carve_split(labels, 0.5, seed=0, groups=groups)
     assert set(np.asarray(groups)[tr]).isdisjoint(np.asarray(groups)[ev])
     assert sorted(np.concatenate([tr, ev]).tolist()) == list(range(len(labels)))
     # Strata: odd groups 1+3+5+7 = 16 examples (target 8), even groups 2+4+6+8 = 20 (target 10); greedy hits both
@@ -128,7 +128,7 @@ def test_carve_split_keeps_groups_together():
     counts = np.bincount(np.asarray(labels)[tr], minlength=2)
     assert abs(counts[1] - 8) <= 3 and abs(counts[0] - 10) <= 4
     # Singleton groups reduce to the plain stratified split's counts.
-    tr_single, _ = ft.carve_split(labels, 0.5, seed=0, groups=list(range(len(labels))))
+    tr_single, _ = glue.carve_split(labels, 0.5, seed=0, groups=list(range(len(labels))))
     assert np.bincount(np.asarray(labels)[tr_single]).tolist() == [10, 8]
 
 
@@ -160,7 +160,7 @@ def test_real_task_loads(task):
         if ft.TASKS[task].group_by:  # e.g. no MultiRC paragraph is both trained on and scored
             assert {e.group for e in data.train}.isdisjoint(e.group for e in data.eval)
             assert "grouped by" in data.note
-        first = ft.read_examples(d / f"{task}.valid.jsonl", ft.TASKS[task])[0]
+        first = glue.read_examples(d / f"{task}.valid.jsonl", ft.TASKS[task])[0]
         assert first in data.train or first in data.eval
     else:
         assert data.note == "" and len(data.eval) == n_valid
@@ -232,11 +232,11 @@ def test_bad_inputs(tmp_path, model_dir):
     for text, pattern in cases.items():
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(DwmlError, match=pattern):
-            ft.read_examples(tmp_path / "bad.jsonl", spec)
+            glue.read_examples(tmp_path / "bad.jsonl", spec)
     # Labels given as strings or booleans are accepted.
     (tmp_path / "ok.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": "1"}\n'
                                        '{"sentence1": "a", "sentence2": "b", "label": false}\n')
-    assert [e.label for e in ft.read_examples(tmp_path / "ok.jsonl", spec)] == [1, 0]
+    assert [e.label for e in glue.read_examples(tmp_path / "ok.jsonl", spec)] == [1, 0]
 
     empty_model = tmp_path / "empty_model"
     empty_model.mkdir()

@@ -7,7 +7,9 @@ import pytest
 
 from dwml.cli import main
 from dwml.errors import DwmlError
-from dwml.experiments.experiment import axis_values, load_experiment, parse_experiment, plan_runs, run_experiment
+from dwml.experiments.plan import axis_values, plan_runs
+from dwml.experiments.config import load_experiment, parse_experiment
+from dwml.experiments.experiment import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHS = [{"layers": 2, "heads": 2, "hidden": 32 * (4 - i), "intermediate": 64 * (4 - i), "vocab_size": 1000,
@@ -278,7 +280,7 @@ def test_data_stats_compute_the_unigram_entropy_once_for_all_sequence_lengths(ti
     directory, not once per sequence length of the experiment's runs."""
     import dwml.training.plateau
     import dwml.data.shards
-    from dwml.experiments.experiment import data_stats
+    from dwml.experiments.collect import data_stats
 
     meta = dwml.data.shards.load_meta(tiny_prepared)
     older = {k: v for k, v in meta.items() if k != "unigram_entropy"}

@@ -21,7 +21,8 @@ from dwml.distill.losses import dwml_loss, ensemble_loss
 from dwml.models.model import Arch, build_model, count_params, masked_logits
 from dwml.evaluation.scoring import score_sentences, score_sentences_naive
 from dwml.models.search import SearchConfig, load_peer_archs, run_search_to_file, search
-from dwml.training.train import resolve_archs, train
+from dwml.training.setup import resolve_archs
+from dwml.training.train import train
 
 from evalfixtures import EVAL_DATA, blimp_sentences
 
@@ -193,7 +194,9 @@ def test_search_modernbert_base_default_settings_within_1pct():
 
 
 def test_experiment_searches_peers_in_the_base_family(tmp_path):
-    from dwml.experiments.experiment import load_experiment, plan_runs, search_settings
+    from dwml.experiments.config import load_experiment
+    from dwml.experiments.plan import plan_runs
+    from dwml.experiments.stages import search_settings
 
     text = """
 name = "mb"

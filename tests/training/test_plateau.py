@@ -62,7 +62,7 @@ def test_training_reports_entropy_and_plateau_exit(tiny_prepared, tmp_path):
 
 def test_validation_masks_at_eval_mask_prob_whatever_the_training_rate(tiny_prepared, tmp_path):
     from dwml.training.runtime import compute_init
-    from dwml.training.train import make_batches
+    from dwml.training.setup import make_batches
 
     rt = compute_init("cpu", 0, "fp32")
     vocab = load_meta(tiny_prepared)["vocab_size"]

@@ -194,7 +194,7 @@ def test_every_method_reports_on_the_same_valid_sequences(tiny_prepared, tmp_pat
     of them is an L2 sequence."""
     from dwml.training.runtime import Runtime
     from dwml.data.shards import PackedSequences, load_meta
-    from dwml.training.train import make_batches
+    from dwml.training.setup import make_batches
 
     rt = Runtime(torch.device("cpu"), None)
     vocab = int(load_meta(tiny_prepared)["vocab_size"])

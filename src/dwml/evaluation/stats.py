@@ -9,7 +9,7 @@ noise band; the difference "exceeds evaluation noise" when that interval exclude
 Within one group only three kinds of items matter for the difference: a right / b wrong (+1), a wrong / b right (-1)
 and equal outcomes (0). Drawing n_g items with replacement is therefore exactly a multinomial draw of how many of
 each kind the replicate holds, so a replicate costs O(groups) instead of O(items) - the 10,000-replicate bootstrap
-of a 60k-pair task takes milliseconds. `tests/test_stats.py` checks it against the naive per-item loop and the
+of a 60k-pair task takes milliseconds. `tests/evaluation/test_stats.py` checks it against the naive per-item loop and the
 closed-form variance.
 """
 from __future__ import annotations

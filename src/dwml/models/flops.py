@@ -156,7 +156,7 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
     from ..training.runtime import resolve_device
     from ..distill.selfdistill import SelfDistillHeads
     from ..data.shards import PackedSequences, load_meta
-    from ..training.train import load_teacher, resolve_archs
+    from ..training.setup import load_teacher, resolve_archs
 
     t, d, method = cfg.train, cfg.distill, cfg.train.method
     prepared = Path(prepared or cfg.data.prepared)
@@ -200,7 +200,7 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
     outer = None
     if method in ("dwml", "kd_dwml") and d.learn_omega:
         # the configured unroll (the AdamW one from fresh optimizer states: the FLOPs do not depend on them)
-        from ..training.train import make_optimizer
+        from ..training.setup import make_optimizer
 
         gamma = (t.lr if d.unroll == "sgd" else None) if d.gamma < 0 else d.gamma
         optimizers = [make_optimizer(s, t) for s in students]

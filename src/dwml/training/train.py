@@ -11,184 +11,32 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
 from . import rundir
-from ..checks import NonFiniteGuard, check_checkpoint_matches, check_peer_arch, check_peers_file, \
-    check_prepared_tokenizer, check_same_tokenizer
+from ..checks import NonFiniteGuard, check_checkpoint_matches, check_prepared_tokenizer, check_same_tokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import RunConfig
-from ..errors import DwmlError
-from ..distill.hypergrad import MirrorDescentConfig, OmegaState, hypergradient, mixed_ratio
-from ..io import atomic_dir, write_json, write_text
+from ..distill.hypergrad import MirrorDescentConfig, hypergradient, mixed_ratio
+from ..io import write_text
 from ..distill.losses import ensemble_loss, mlm_loss
-from ..data.masking import BatchStream, MaskedBatch, Prefetcher
-from ..distill.methods import METHOD_LOSSES, PEER_METHODS, TEACHER_METHODS
+from ..data.masking import MaskedBatch, Prefetcher
+from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
 from .metrics import MetricsLog
-from ..models.model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset, masked_logits
+from ..models.model import count_params, masked_logits
 from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
-from ..distill.selfdistill import SelfDistillHeads
-from ..data.shards import PackedSequences, load_meta
-from ..data.tokenizer import copy_tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
-    """(name, Arch) of every student. Peers come from `model.peers` / `model.peers_file`; else one from the preset.
-    Presets and peer tables are built in `model.family`; a peers file (or table) that names another family is an
-    error rather than a silent switch of the family."""
-    m = cfg.model
-    positions = cfg.data.seq_len + POSITION_OFFSET
-    archs: list[tuple[str, Arch]] = []
-    if m.peers_file:
-        from ..models.search import read_peers_file
-
-        peers = read_peers_file(m.peers_file)
-        archs = [(f"peer{i}", a) for i, (a, _) in enumerate(peers)]
-        families = sorted({a.family for _, a in archs})
-        if families != [m.family]:
-            raise DwmlError(f"model.peers_file: {m.peers_file} holds {'/'.join(families)} peers but model.family is "
-                            f"{m.family}; search with `dwml search --family {m.family}` or set model.family")
-        check_peers_file(m.peers_file, [table for _, table in peers], vocab_size, positions)
-    for i, p in enumerate(m.peers):
-        if isinstance(p, str):
-            archs.append((p, get_preset(p, m.family)))
-        elif isinstance(p, dict):
-            check_peer_arch(p, vocab_size, positions, f"model.peers[{i}]")
-            if p.get("family", m.family) != m.family:  # e.g. searched peers of another family than this run's
-                raise DwmlError(f"model.peers[{i}]: a {p['family']} architecture, but model.family is {m.family}")
-            archs.append((f"peer{len(archs)}", Arch.from_dict({"vocab_size": vocab_size, "family": m.family, **p},
-                                                              f"model.peers[{i}]")))
-        else:
-            raise DwmlError(f"model.peers[{i}]: expected a preset name or an architecture table, got {p!r}")
-    if not archs:
-        a = get_preset(m.preset, m.family)
-        overrides = {k: getattr(m, k) for k in ("layers", "heads", "hidden", "intermediate") if getattr(m, k)}
-        archs = [(m.preset, a.replace(**overrides) if overrides else a)]
-    method = cfg.train.method
-    if method in PEER_METHODS and len(archs) < 2:
-        raise DwmlError(f"train.method {method}: needs at least 2 peers (model.peers or model.peers_file)")
-    if method == "sd" and len(archs) != 1:
-        raise DwmlError("train.method sd: trains a single network; give model.preset, not model.peers")
-    return [(name, a.replace(vocab_size=vocab_size, max_positions=positions)) for name, a in archs]
-
-
-def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay. On CUDA the fused kernel (one
-    launch for all parameters instead of several per tensor); the CPU has no fused AdamW worth using."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
-
-
-def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
-    """A frozen teacher MLM; refuses one trained with another vocabulary than this run's tokenizer."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    p = Path(path)
-    if (p / "final" / "peer0" / "config.json").is_file():  # a run directory: take its (first) model
-        p = p / "final" / "peer0"
-    if not (p / "config.json").is_file():
-        raise DwmlError(f"distill.teacher: {path} is not a model directory (no config.json) or a finished run")
-    ours = AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
-    try:
-        theirs = AutoTokenizer.from_pretrained(p).get_vocab()
-    except (OSError, ValueError):
-        raise DwmlError(f"distill.teacher: {p} has no tokenizer files; cannot check its vocabulary") from None
-    if ours != theirs:
-        raise DwmlError(f"distill.teacher: {p} uses a different tokenizer/vocabulary than {tokenizer_dir}")
-    teacher = AutoModelForMaskedLM.from_pretrained(p).to(device).eval()
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    return teacher
-
-
-class _Subset:
-    """A view of some sequences of a PackedSequences (used to split valid into reporting and held-out parts)."""
-
-    def __init__(self, base, indices: np.ndarray):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.base[int(self.indices[i])]
-
-    def gather(self, indices: np.ndarray, pad_id: int):
-        return self.base.gather(self.indices[np.asarray(indices)], pad_id)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class Batches:
-    train: BatchStream | Prefetcher
-    heldout: BatchStream | Prefetcher | None
-    valid: list  # fixed MaskedBatches for reporting
-
-
-def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, need_heldout: bool) -> Batches:
-    t, dcfg = cfg.train, cfg.data
-    common = dict(vocab_size=vocab_size, mask_prob=dcfg.mask_prob)
-    train_seqs = PackedSequences(prepared, "train", dcfg.seq_len)
-    if len(train_seqs) < t.batch_size * rt.world_size:
-        raise DwmlError(f"{prepared}: train split has {len(train_seqs)} sequences, fewer than one batch "
-                        f"({t.batch_size} x {rt.world_size} ranks); use a smaller train.batch_size or more data")
-    train = BatchStream(train_seqs, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size, **common)
-    valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
-    n = len(valid_seqs)
-    # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
-    # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
-    # learned omega or not, so all runs of an experiment report on the same sequences.
-    n_held = min(dcfg.heldout_sequences, n // 2)
-    report_idx, held_idx = np.arange(0, n - n_held), np.arange(n - n_held, n)
-    report = _Subset(valid_seqs, report_idx)
-    bs = min(t.eval_batch_size, len(report))
-    if bs < 1:
-        raise DwmlError(f"{prepared}: valid split is empty")
-    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
-    vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
-                          mask_prob=dcfg.eval_mask_prob)
-    n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
-    valid = [next(vstream) for _ in range(n_valid)]
-    heldout = None
-    if need_heldout:
-        if n_held < 1:
-            raise DwmlError(f"{prepared}: valid split too small to hold out sequences for the outer loop")
-        held = _Subset(valid_seqs, held_idx)
-        held_bs = cfg.distill.heldout_batch_size or max(1, t.batch_size // 2)
-        heldout = BatchStream(held, min(held_bs, len(held)), seed=t.seed + 2, rank=0, world_size=1, **common)
-    return Batches(train, heldout, valid)
+from ..data.shards import load_meta
+from .setup import gather_rng, set_rng_state, export_final, load_teacher, make_batches, make_optimizer, resolve_archs
+from .setup import build_students, initial_omega, wrap_students
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,40 +137,18 @@ class Trainer:
         self.archs = resolve_archs(cfg, vocab_size)
         n = len(self.archs)
 
-        # Students: a fresh init per peer from (seed, peer index), identical on every rank.
-        self.students: list[Student] = []
-        for i, (_, arch) in enumerate(self.archs):
-            mlm = build_model(arch, seed=t.seed * 1000 + i, dropout=cfg.model.dropout)
-            aux = SelfDistillHeads(mlm.config, layers=d.sd_layers or None) if method == "sd" else None
-            self.students.append(Student(mlm, aux).to(rt.device))
+        self.students = build_students(cfg, self.archs, rt.device)
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
         self.optimizers = [make_optimizer(s, t) for s in self.students]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in self.optimizers]
-        if d.omega and len(d.omega) != n:
-            raise DwmlError(f"distill.omega: {len(d.omega)} weights given for {n} students")
-        # Initial omega: as given (normalised onto the simplex) or uniform; dml always keeps it uniform (1/M).
-        self.omega = OmegaState(torch.tensor(d.omega, dtype=torch.float64) / sum(d.omega)) \
-            if d.omega and method != "dml" else OmegaState.uniform(n)
+        self.omega = initial_omega(cfg, n)
         self.mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
                                           total_steps=max(1, t.max_steps // d.outer_every))
         self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
         self.batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
-        if cfg.data.prefetch:  # build the next batches in a background thread, page-locked for async copies
-            pin = rt.device.type == "cuda"
-            self.batches.train = Prefetcher(self.batches.train, cfg.data.prefetch, pin)
-            if self.batches.heldout is not None:
-                self.batches.heldout = Prefetcher(self.batches.heldout, cfg.data.prefetch, pin)
         self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
 
-        # DDP wraps each student so its gradients are all-reduced in backward; `students` stay the bare modules.
-        self.models: list[torch.nn.Module] = list(self.students)
-        if rt.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.models = [DDP(s, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-                           for s in self.students]
-        if t.compile:
-            self.models = [torch.compile(m) for m in self.models]
+        self.models = wrap_students(self.students, rt, t.compile)  # DDP / torch.compile; `students` stay bare
         self.loss_fn = METHOD_LOSSES[method]
         self.omega_device = self.omega.omega.to(rt.device)  # refreshed when omega changes, not copied every step
         self.step, self.elapsed_before, self.initial_valid = 0, 0.0, None
@@ -369,7 +195,7 @@ class Trainer:
         if self.batches.heldout is not None and state.get("heldout_stream"):
             self.batches.heldout.load_state_dict(state["heldout_stream"])
         rng = state["rng"]
-        _set_rng_state(rng[self.rt.rank] if isinstance(rng, list) else rng)
+        set_rng_state(rng[self.rt.rank] if isinstance(rng, list) else rng)
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.initial_valid = state.get("initial_valid_loss")
@@ -562,7 +388,7 @@ class Trainer:
             "omega": self.omega.state_dict(),
             "train_stream": self.batches.train.state_dict(),
             "heldout_stream": self.batches.heldout.state_dict() if self.batches.heldout is not None else None,
-            "rng": _gather_rng(self.rt),
+            "rng": gather_rng(self.rt),
             "config": config_mod.to_toml(self.cfg),
             "elapsed_s": self.elapsed(),
             "initial_valid_loss": self.initial_valid,
@@ -620,23 +446,3 @@ def _student_forward(model, input_ids, attention_mask, positions):
     return model(input_ids, attention_mask, positions)[0]
 
 
-def _gather_rng(rt: Runtime):
-    """RNG states of every rank (dropout differs per rank), so each resumes its own stream."""
-    mine = _rng_state()
-    if not rt.ddp:
-        return mine
-    everyone: list = [None] * rt.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
-    """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
-    with atomic_dir(run_dir / "final") as tmp:
-        for i, s in enumerate(students):
-            s.mlm.save_pretrained(tmp / f"peer{i}")
-            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
-        write_json(tmp / "summary.json", summary)
