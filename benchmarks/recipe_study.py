@@ -175,7 +175,8 @@ def main() -> int:
         for n, what, over in VARIANTS:
             print(f"{n:<16} {what}  {over}")
         return 0
-    from dwml.training.plateau import plateau_exit_step, train_unigram_entropy, valid_history
+    from dwml.data.entropy import train_unigram_entropy
+    from dwml.training.plateau import plateau_exit_step, valid_history
     from dwml.data.shards import load_meta
 
     entropy = train_unigram_entropy(args.data, load_meta(args.data))

@@ -6,6 +6,7 @@ silently fall back to a default. The resolved configuration is written as TOML i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -23,6 +24,15 @@ from .errors import DwmlError
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
 SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.training.schedule)
 MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.models.model
+
+
+MISSING_TENSORBOARD = ("train.tensorboard: the tensorboard package is not installed "
+                       "(pip install 'dwml[tensorboard]', or set train.tensorboard = false)")
+
+
+def tensorboard_available() -> bool:
+    """Whether `train.tensorboard = true` can work (checked when the config is validated, before any work)."""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def check_family(family: Any, where: str) -> None:
@@ -165,8 +175,6 @@ class RunConfig:
                f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
         if t.tensorboard:
-            from .training.metrics import MISSING_TENSORBOARD, tensorboard_available
-
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         check_family(self.model.family, "model.family")

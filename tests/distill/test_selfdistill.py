@@ -8,7 +8,8 @@ import torch
 
 from dwml.errors import DwmlError
 from dwml.models.model import Arch, build_model, masked_logits
-from dwml.distill.selfdistill import SelfDistillHeads, sd_logits, sd_loss
+from dwml.distill.selfdistill import SelfDistillHeads, sd_loss
+from dwml.models.model import sd_logits
 
 D = torch.float64
 ARCH = Arch(layers=3, heads=2, hidden=16, intermediate=32, vocab_size=50, max_positions=20)

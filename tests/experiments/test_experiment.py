@@ -278,7 +278,7 @@ def test_ablation_config_sweeps_the_unroll(tmp_path):
 def test_data_stats_compute_the_unigram_entropy_once_for_all_sequence_lengths(tiny_prepared, monkeypatch):
     """Data prepared before meta.json held `unigram_entropy` gets it from the train shard: once per prepared
     directory, not once per sequence length of the experiment's runs."""
-    import dwml.training.plateau
+    import dwml.data.entropy
     import dwml.data.shards
     from dwml.experiments.collect import data_stats
 
@@ -286,8 +286,8 @@ def test_data_stats_compute_the_unigram_entropy_once_for_all_sequence_lengths(ti
     older = {k: v for k, v in meta.items() if k != "unigram_entropy"}
     monkeypatch.setattr(dwml.data.shards, "load_meta", lambda prepared: dict(older))
     calls = []
-    entropy = dwml.training.plateau.unigram_entropy
-    monkeypatch.setattr(dwml.training.plateau, "unigram_entropy", lambda *a: calls.append(1) or entropy(*a))
+    entropy = dwml.data.entropy.unigram_entropy
+    monkeypatch.setattr(dwml.data.entropy, "unigram_entropy", lambda *a: calls.append(1) or entropy(*a))
     stats = data_stats(tiny_prepared, [32, 16, 32])
     assert list(stats) == [32, 16] and len(calls) == 1
     assert stats[32]["unigram_entropy"] == stats[16]["unigram_entropy"] == pytest.approx(meta["unigram_entropy"])

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from dwml.experiments.report import (best_model, cost_table, main_table, md_table, model_rows, omega_correlation, outer_table,
-                         pearson, peer_table, render_report, sweep_points, write_report)
+from dwml.experiments.analysis import best_model, model_rows, omega_correlation, pearson, sweep_points
+from dwml.experiments.report import cost_table, main_table, outer_table, peer_table, render_report, write_report
+from dwml.experiments.formatting import md_table
 
 TASKS = ["blimp_fast", "supplement_fast", "ewok_fast"]
 

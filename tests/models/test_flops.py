@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer
 
 from dwml.config import RunConfig, from_dict, merge
-from dwml.models.flops import (H100_BF16_PEAK, GpuUtilSampler, count_flops, encoder_matmul_params, gpu_hours,
-                        head_matmul_params, measure_step_flops, run_flops, step_flops, timed, token_flops)
+from dwml.models.flops import H100_BF16_PEAK, encoder_matmul_params, gpu_hours, head_matmul_params, run_flops, step_flops, token_flops
+from dwml.training.measure import GpuUtilSampler, count_flops, measure_step_flops, timed
 from dwml.models.model import Arch, Student, build_model, count_params
 from dwml.data.shards import load_meta
 

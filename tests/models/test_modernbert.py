@@ -105,7 +105,7 @@ def test_family_of_presets_tables_and_peers_files(tiny_prepared, tmp_path):
 
 def test_analytic_flops_describe_what_modernbert_runs(tiny_prepared, tmp_path):
     """FlopCounterMode over a real micro-step equals the closed form with ModernBERT's 3 H I GeGLU products."""
-    from dwml.models.flops import measure_step_flops
+    from dwml.training.measure import measure_step_flops
 
     for method in ("mlm", "sd"):
         m = measure_step_flops(make_cfg(tiny_prepared, tmp_path / method, train={"method": method}))

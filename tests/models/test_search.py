@@ -12,21 +12,8 @@ import pytest
 
 from dwml.errors import DwmlError
 from dwml.models.model import PRESETS, Arch, build_model, count_params
-from dwml.models.search import (
-    SearchConfig,
-    build_space,
-    exhaustive_best,
-    format_table,
-    load_peer_archs,
-    load_search_config,
-    objective,
-    peer_targets,
-    register,
-    resolve_reference,
-    run_search_to_file,
-    search,
-    _run_bo,
-)
+from dwml.models.search import SearchConfig, format_table, load_peer_archs, load_search_config, register, resolve_reference, run_search_to_file, search, _run_bo
+from dwml.models.space import build_space, exhaustive_best, objective, peer_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A cheap search for the tests that do not need the default budget: tiny reference, small vocabulary.

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dwml.training.plateau import describe, plateau_exit_step, train_unigram_entropy, unigram_entropy, valid_history
+from dwml.data.entropy import train_unigram_entropy, unigram_entropy
+from dwml.training.plateau import describe, plateau_exit_step, valid_history
 from dwml.data.shards import Shard, load_meta
 from dwml.training.train import train
 

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 from ..errors import require
 from .losses import kd_loss, mlm_loss
-from ..models.model import masked_logits
 
 
 class AuxLMHead(nn.Module):
@@ -100,19 +99,6 @@ class SelfDistillHeads(nn.Module):
             selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
             out.append(head(selected, embedding_weight))
         return out
-
-
-def sd_logits(
-    model: nn.Module,
-    heads: SelfDistillHeads,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    positions: torch.Tensor,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(final logits, [aux logits per head]) at the masked positions, from one encoder pass."""
-    final, hidden_states = masked_logits(model, input_ids, attention_mask, positions, return_hidden_states=True)
-    embedding = model.get_input_embeddings().weight if heads.tie_decoder else None
-    return final, heads(hidden_states, positions, embedding)
 
 
 def sd_loss(

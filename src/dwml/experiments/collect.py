@@ -50,7 +50,7 @@ def data_stats(prepared: Path, seq_lens: Iterable[int]) -> dict[int, dict]:
     """{seq_len: statistics of the prepared data packed at seq_len} for every length in `seq_lens`; meta.json and the
     train split's unigram entropy (computed from the shard for data prepared before meta.json held it) are read
     and computed once for all lengths."""
-    from ..training.plateau import train_unigram_entropy
+    from ..data.entropy import train_unigram_entropy
     from ..data.shards import PackedSequences, load_meta
 
     meta = load_meta(prepared)
@@ -120,7 +120,7 @@ def teacher_arch_of(rc: RunConfig, vocab_size: int, plans_by_name: dict[str, Pla
 
 def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, finetune: dict | None,
                timing: dict | None, measured: dict | None, budget: dict, analytic: dict) -> dict:
-    from .report import best_model, model_rows
+    from .analysis import best_model, model_rows
 
     rc = plan.config
     rec: dict[str, Any] = {
@@ -184,7 +184,7 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
         runs.append(run_record(plan, summary, evaluations[plan.name],
                                fresh_output(exp_dir / f"finetune_{plan.name}.json", plan),
                                fresh_output(exp_dir / f"timing_{plan.name}.json", plan), measured, budget, analytic))
-    from .report import omega_correlation
+    from .analysis import omega_correlation
 
     results = {
         "name": cfg.name,

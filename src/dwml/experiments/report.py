@@ -25,11 +25,12 @@ single M this is a rescaling and gives the same R as omega_i), y = the peer's me
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
-from ..io import atomic_path, write_text
+from ..io import write_text
+from .analysis import done_runs, metric_of, omega_correlation, sweep_points
+from .plots import plot_ablations, plot_omega
+from .formatting import fmt_value, fmt, fmt_flops, fmt_params, md_table
 
 TASK_LABELS = {
     "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",
@@ -40,175 +41,7 @@ STAR = " ★"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Rows of one run
-
-
-def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) -> list[dict]:
-    """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
-
-    Row: {"name", "arch", "params", "omega", "valid_loss", "plateau_exit_step", "zero_shot": {task: %},
-          "zero_shot_mean", "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
-          "zero_shot_ties", "glue": {task: score}, "glue_avg"}; missing numbers are None.
-    """
-    from ..models.model import Arch
-
-    scored = (evaluation or {}).get("models", {})
-    tuned = (finetune or {}).get("models", {})
-    rows = []
-    peers = summary["peers"]
-    for i, p in enumerate(peers):
-        a = p.get("arch", {})
-        arch = Arch.from_dict(a, f"peers[{i}].arch").name if a else p.get("name", "")
-        rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
-        rows[-1]["plateau_exit_step"] = p.get("plateau_exit_step")
-    if len(peers) > 1:
-        rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,
-                         summary.get("valid_ensemble_loss"), scored, tuned))
-        rows[-1]["plateau_exit_step"] = None
-    return rows
-
-
-def _row(name: str, arch: str, params: int, omega: float | None, valid_loss: float | None, scored: dict,
-         tuned: dict) -> dict:
-    model = scored.get(name, {})
-    zero_shot = dict(model.get("summary", {}))
-    strict = dict(model.get("strict_summary", {}))
-    ft = tuned.get(name)
-    glue = {t: r["score"] for t, r in ft["tasks"].items()} if ft else {}
-    return {"name": name, "arch": arch, "params": params, "omega": omega, "valid_loss": valid_loss,
-            "zero_shot": zero_shot, "zero_shot_mean": _mean(zero_shot.values()),
-            "zero_shot_strict": strict, "zero_shot_strict_mean": _mean(strict.values()),
-            "zero_shot_ties": sum(model["ties"].values()) if "ties" in model else None,
-            "glue": glue, "glue_avg": ft["average"] if ft else None}
-
-
-def _mean(values: Iterable[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def best_model(rows: Sequence[dict]) -> str:
-    """The best peer (never the ensemble): highest mean zero-shot accuracy, ties and no evaluation -> lowest
-    validation loss."""
-    peers = [r for r in rows if r["name"] != "ensemble"]
-
-    def key(r: dict) -> tuple:
-        acc = r["zero_shot_mean"]
-        loss = r["valid_loss"] if r["valid_loss"] is not None else math.inf
-        return (-(acc if acc is not None else -math.inf), loss)
-
-    return min(peers, key=key)["name"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Numbers
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson's correlation coefficient; None for fewer than 3 points or a constant variable."""
-    n = len(x)
-    if n != len(y) or n < 3:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
-
-
-def metric_of(results: dict) -> tuple[str, str]:
-    """(row key, label) of the headline metric: mean zero-shot accuracy, or validation loss without evaluation."""
-    has_eval = any(r.get("zero_shot_mean") is not None for run in done_runs(results) for r in run["models"])
-    return ("zero_shot_mean", "zero-shot accuracy (%, mean of tasks)") if has_eval else \
-        ("valid_loss", "validation loss")
-
-
-def done_runs(results: dict) -> list[dict]:
-    """Runs with results (trained, not an alias of another run)."""
-    return [r for r in results["runs"] if not r.get("alias_of") and r.get("models")]
-
-
-def omega_correlation(results: dict) -> dict:
-    """R between final omega (relative to uniform) and the metric over all peers of learned-omega runs, pooled;
-    also per run. See the module docstring."""
-    key, label = metric_of(results)
-    points, per_run = [], {}
-    for run in done_runs(results):
-        if run["method"] not in ("dwml", "kd_dwml") or not run.get("omega_learned"):
-            continue
-        peers = [r for r in run["models"] if r["name"] != "ensemble" and r[key] is not None]
-        m = len(run["omega"])
-        xs = [m * r["omega"] for r in peers]
-        ys = [r[key] for r in peers]
-        points += [{"run": run["name"], "peer": r["name"], "x": x, "y": y} for r, x, y in zip(peers, xs, ys)]
-        per_run[run["name"]] = {"n": len(xs), "r": pearson(xs, ys)}
-    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
-    return {"metric": label, "x": "M * omega_i (final omega relative to uniform)", "n": len(points),
-            "r": pearson(xs, ys), "points": points, "per_run": per_run}
-
-
-def sweep_points(results: dict) -> dict[str, dict[str, list[dict]]]:
-    """{base run: {axis: [{"value", "run", "best", "ensemble"} sorted by value]}}: the base run and its variants
-    (an alias takes the numbers of the run it points to)."""
-    key, _ = metric_of(results)
-    runs = {r["name"]: r for r in results["runs"]}
-    out: dict[str, dict[str, list[dict]]] = {}
-    variants = [r for r in results["runs"] if r.get("sweep")]
-    for v in variants:
-        base, axis, value = v["sweep"]["base"], v["sweep"]["axis"], v["sweep"]["value"]
-        family = out.setdefault(base, {})
-        if axis not in family:
-            family[axis] = []
-            b = runs.get(base)
-            if b and b.get("models"):
-                family[axis].append(_point(b["axes"][axis], b, key))
-        target = runs.get(v["alias_of"]) if v.get("alias_of") else v
-        if target and target.get("models"):
-            p = _point(value, target, key)
-            p["run"] = v["name"] + (f" (= {target['name']})" if v.get("alias_of") else "")
-            if not any(q["value"] == value for q in family[axis]):
-                family[axis].append(p)
-    for family in out.values():
-        for axis in family:
-            family[axis].sort(key=lambda p: (float(p["value"]) if not isinstance(p["value"], str) else 0.0))
-    return out
-
-
-def _point(value: Any, run: dict, key: str) -> dict:
-    rows = {r["name"]: r for r in run["models"]}
-    ens = rows.get("ensemble")
-    return {"value": value, "run": run["name"], "best": rows[run["best"]][key],
-            "ensemble": ens[key] if ens else None}
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Markdown
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
-    align = [":--"] + ["--:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def fmt(v: Any, spec: str = ".1f", none: str = "–") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return none
-    return format(v, spec)
-
-
-def fmt_params(n: int | None) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
-def fmt_flops(f: float | None) -> str:
-    return "–" if f is None else f"{f:.2e}"
 
 
 def _tasks(results: dict) -> list[str]:
@@ -309,7 +142,7 @@ def sweep_table(results: dict) -> str:
     for base, family in sweep_points(results).items():
         for axis, points in family.items():
             for p in points:
-                rows.append([base, axis, _fmt_value(p["value"]), p["run"], fmt(p["best"], ".2f"),
+                rows.append([base, axis, fmt_value(p["value"]), p["run"], fmt(p["best"], ".2f"),
                              fmt(p["ensemble"], ".2f")])
     return md_table(["Base run", "Axis", "Value", "Run", f"Best peer: {label}", "Ensemble"], rows) if rows else ""
 
@@ -324,12 +157,6 @@ def outer_table(results: dict) -> str:
         rows.append([run["name"], run["method"], run.get("unroll") or "n/a", str(len(traj["outer_step"]) - 1),
                      fmt(run.get("mixed_ratio_median"), ".3g")])
     return md_table(["Run", "Method", "Unroll", "Outer steps", "Median mixed / direct"], rows) if rows else ""
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
 
 
 def correlation_text(results: dict) -> str:
@@ -471,104 +298,6 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
             "an inner step, times the number of outer steps; measured total = inner x steps + outer x outer steps.",
             "", cost_table(results), ""]
     return "\n".join(out)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def _panels(n: int, width: float, height: float):
-    """A figure with n panels in rows of at most 3 (unused grid cells hidden): (fig, list of n axes)."""
-    cols = min(3, n)
-    fig = _figure(width * cols, height * math.ceil(n / cols))
-    axes = list(fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def plot_omega(results: dict, path: str | Path) -> bool:
-    """Figure 3: one panel per learned-omega run, one line per peer. False (nothing written) without such runs."""
-    runs = [r for r in done_runs(results) if r.get("omega_trajectory", {}).get("outer_step")]
-    if not runs:
-        return False
-    fig, axes = _panels(len(runs), 4.2, 3.2)
-    for ax, run in zip(axes, runs):
-        traj = run["omega_trajectory"]
-        names = [r for r in run["models"] if r["name"] != "ensemble"]
-        for i in range(len(traj["omega"][0])):
-            label = f"{names[i]['name']} ({fmt_params(names[i]['params'])})" if i < len(names) else f"peer{i}"
-            ax.plot(traj["outer_step"], [w[i] for w in traj["omega"]], label=label)
-        ax.set_title(f"{run['name']} ({run['method']})", fontsize=10)
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("ω")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, Path(path))
-    return True
-
-
-def plot_ablations(results: dict, path: str | Path) -> bool:
-    """Figure 2: metric vs every sweep axis, vs parameters, vs final omega (with R)."""
-    key, label = metric_of(results)
-    panels: list[tuple[str, Any]] = []
-    for base, family in sweep_points(results).items():
-        for axis, points in family.items():
-            panels.append(("sweep", (base, axis, points)))
-    peers = [(run, r) for run in done_runs(results) for r in run["models"] if r["name"] != "ensemble"
-             and r[key] is not None]
-    if peers:
-        panels.append(("params", peers))
-    corr = results.get("correlation") or omega_correlation(results)
-    if corr["points"]:
-        panels.append(("omega", corr))
-    if not panels:
-        return False
-    fig, axes = _panels(len(panels), 4.2, 3.4)
-    for ax, (kind, data) in zip(axes, panels):
-        if kind == "sweep":
-            base, axis, points = data
-            categorical = any(isinstance(p["value"], (bool, str)) for p in points)
-            xs = list(range(len(points))) if categorical else [p["value"] for p in points]
-            ax.plot(xs, [p["best"] for p in points], "o-", label="best peer")
-            if any(p["ensemble"] is not None for p in points):
-                ax.plot([x for x, p in zip(xs, points) if p["ensemble"] is not None],
-                        [p["ensemble"] for p in points if p["ensemble"] is not None], "s--", label="ensemble")
-            if categorical:
-                ax.set_xticks(xs, [_fmt_value(p["value"]) for p in points])
-            ax.set_xlabel(axis)
-            ax.set_title(f"{base}: vs {axis}", fontsize=10)
-        elif kind == "params":
-            methods = sorted({run["method"] for run, _ in data})
-            for m in methods:
-                pts = [(r["params"], r[key]) for run, r in data if run["method"] == m]
-                ax.scatter([p for p, _ in pts], [v for _, v in pts], label=m, s=18)
-            ax.set_xscale("log")
-            ax.set_xlabel("parameters")
-            ax.set_title("vs model size (every peer)", fontsize=10)
-        else:
-            pts = data["points"]
-            ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], s=18)
-            r = "n/a" if data["r"] is None else f"{data['r']:.2f}"
-            ax.set_xlabel("M · final ω")
-            ax.set_title(f"vs final ω: R = {r} (n = {data['n']})", fontsize=10)
-        ax.set_ylabel(label if len(label) < 30 else label.split(" (")[0])
-        ax.grid(alpha=0.3)
-        if kind != "omega":
-            ax.legend(fontsize=7)
-    _save(fig, Path(path))
-    return True
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:

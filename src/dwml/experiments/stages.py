@@ -100,7 +100,7 @@ def check_run_dir(plan: PlannedRun) -> None:
 
 
 def train_stage(plan: PlannedRun, exp_dir: Path, log: Callable[[str], None]) -> dict:
-    from ..models.flops import timed
+    from ..training.measure import timed
     from ..training.runtime import resolve_device
     from ..training.train import train
 
@@ -127,7 +127,7 @@ def flops_stage(plan: PlannedRun, exp_dir: Path) -> dict:
     old = fresh_output(path, plan)
     if old is not None:
         return old
-    from ..models.flops import measure_step_flops
+    from ..training.measure import measure_step_flops
 
     measured = measure_step_flops(plan.config)
     write_json(path, measured)
@@ -163,7 +163,7 @@ def finetune_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summa
     if not f.enabled:
         return None
     from ..evaluation.finetune import finetune_model
-    from .report import best_model, model_rows
+    from .analysis import best_model, model_rows
 
     ft_cfg = FinetuneConfig(**{x.name: getattr(f, x.name) for x in dataclasses.fields(FinetuneConfig)})
     rows = model_rows(summary, evaluation, None)

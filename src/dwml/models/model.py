@@ -285,6 +285,18 @@ class Student(torch.nn.Module):
         """Returns (logits at masked positions (N, V), list of auxiliary logits (empty without aux heads))."""
         if self.aux is None:
             return masked_logits(self.mlm, input_ids, attention_mask, positions), []
-        from ..distill.selfdistill import sd_logits
-
         return sd_logits(self.mlm, self.aux, input_ids, attention_mask, positions)
+
+
+def sd_logits(
+    model: torch.nn.Module,
+    heads: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(final logits, [aux logits per head]) at the masked positions, from one encoder pass; `heads` is a
+    `dwml.distill.selfdistill.SelfDistillHeads` (it lives with the self-distillation loss, a layer above)."""
+    final, hidden_states = masked_logits(model, input_ids, attention_mask, positions, return_hidden_states=True)
+    embedding = model.get_input_embeddings().weight if heads.tie_decoder else None
+    return final, heads(hidden_states, positions, embedding)

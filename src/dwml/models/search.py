@@ -55,9 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,20 +67,13 @@ from ..config import MODEL_FAMILIES, check_family, from_dict, read_toml
 from ..errors import DwmlError
 from ..io import check_output_file, write_json
 from .model import PRESETS, Arch, count_params, get_preset
+from .space import DUPLICATE_PENALTY, Space, shape_of, build_space, exhaustive_best, objective, peer_targets, rel_error
 
-# An architecture already chosen by an earlier peer costs this much objective (a factor e in size): enough that BO
-# moves away, small enough that the GP's normalised targets are not dominated by a few spikes.
-DUPLICATE_PENALTY = 1.0
-# Width/depth ratios differing by 4x count as fully different: the diversity bonus saturates there, so it cannot
-# push a peer to an absurd shape just to be "more different".
-DIVERSITY_CAP = math.log(4.0)
 # UCB = mean + kappa * std. bayes_opt's default kappa 2.576 explores too much for 110 evaluations of a 3,072-point
 # space: over 6 seeds of the base reference (4 peers) it missed the exhaustive optimum by > 1% on 4 of 24 peers
 # (up to 3.5%); kappa 1.0 on 1, kappa 0.5 on none (worst gap 0.53% over base, mini and tiny, 6 seeds each), while
 # kappa 0.25 starts to get stuck (3.4% on a tiny peer).
 UCB_KAPPA = 0.5
-# intermediate = ratio * hidden when search.intermediate_ratio is 0: the FFN widths of equal weight count.
-FAMILY_INTERMEDIATE_RATIO = {"roberta": 4.0, "modernbert": 8.0 / 3.0}
 # Restarts of the GP's marginal-likelihood optimiser at each iteration (bayes_opt's default, kept). An anisotropic
 # Matern kernel was slightly more accurate in the same test but 3x slower, so we keep the library's isotropic one.
 GP_RESTARTS = 5
@@ -188,100 +179,6 @@ def resolve_reference(spec: str, family: str = "") -> Arch:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The discrete space and the objective
-
-
-@dataclass(frozen=True)
-class Space:
-    """Every architecture of the search space as parallel flat int64 arrays, in (layers, heads, head_dim) order."""
-
-    head_dim_values: np.ndarray
-    layers: np.ndarray
-    heads: np.ndarray
-    hidden: np.ndarray
-    intermediate: np.ndarray
-    params: np.ndarray
-    vocab_size: int
-    max_positions: int
-    intermediate_ratio: float
-    family: str = "roberta"
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    def arch(self, layers: int, heads: int, head_dim: int) -> Arch:
-        hidden = heads * head_dim
-        return Arch(layers=int(layers), heads=int(heads), hidden=int(hidden),
-                    intermediate=intermediate_size(hidden, self.intermediate_ratio),
-                    vocab_size=self.vocab_size, max_positions=self.max_positions, family=self.family)
-
-    def arch_at(self, k: int) -> Arch:
-        return Arch(layers=int(self.layers[k]), heads=int(self.heads[k]), hidden=int(self.hidden[k]),
-                    intermediate=int(self.intermediate[k]), vocab_size=self.vocab_size,
-                    max_positions=self.max_positions, family=self.family)
-
-
-def intermediate_size(hidden: Any, ratio: float) -> Any:
-    """round(ratio * hidden), at least 1; works on ints and numpy arrays alike."""
-    out = np.maximum(1, np.rint(np.asarray(hidden, dtype=np.float64) * ratio)).astype(np.int64)
-    return int(out) if out.ndim == 0 else out
-
-
-def build_space(cfg: SearchConfig, vocab_size: int, max_positions: int, family: str = "roberta") -> Space:
-    """The whole grid of `family` shapes; `cfg.intermediate_ratio` 0 = the family's (FAMILY_INTERMEDIATE_RATIO)."""
-    ratio = float(cfg.intermediate_ratio or FAMILY_INTERMEDIATE_RATIO[family])
-    layer_values = np.arange(cfg.layers[0], cfg.layers[1] + 1, dtype=np.int64)
-    head_values = np.arange(cfg.heads[0], cfg.heads[1] + 1, dtype=np.int64)
-    head_dim_values = np.arange(cfg.head_dim[0], cfg.head_dim[1] + 1, cfg.head_dim_step, dtype=np.int64)
-    L, A, D = (g.ravel() for g in np.meshgrid(layer_values, head_values, head_dim_values, indexing="ij"))
-    hidden = A * D
-    inter = intermediate_size(hidden, ratio)
-    # count_params is plain arithmetic on the Arch fields, so it evaluates the whole grid at once on numpy arrays:
-    # one formula, shared with the scalar objective (no second copy to drift out of sync).
-    grid = types.SimpleNamespace(layers=L, heads=A, hidden=hidden, intermediate=inter,
-                                 vocab_size=vocab_size, max_positions=max_positions, family=family)
-    return Space(head_dim_values, L, A, hidden, inter, count_params(grid),  # type: ignore[arg-type]
-                 vocab_size, max_positions, ratio, family)
-
-
-def objective(params: Any, hidden: Any, layers: Any, target: int, earlier: list[Arch], diversity_weight: float) -> Any:
-    """J without the duplicate penalty (see module docstring); scalars or numpy arrays."""
-    score = -np.abs(np.log(np.asarray(params, dtype=np.float64) / target))
-    if diversity_weight > 0 and earlier:
-        ratio = np.log(np.asarray(hidden, dtype=np.float64) / np.asarray(layers, dtype=np.float64))
-        distance = np.min([np.abs(ratio - math.log(a.hidden / a.layers)) for a in earlier], axis=0)
-        score = score + diversity_weight * np.minimum(distance, DIVERSITY_CAP)
-    return score
-
-
-def _shape(a: Arch) -> tuple[int, int, int]:
-    """What makes two peers different models: the head count changes no weight shape (and no parameter count),
-    so architectures differing only in heads count as the same for distinctness."""
-    return (a.layers, a.hidden, a.intermediate)
-
-
-def exhaustive_best(space: Space, target: int, earlier: list[Arch], diversity_weight: float = 0.0) -> Arch:
-    """argmax of J over the whole space, excluding the earlier peers' shapes (first in space order on ties)."""
-    score = objective(space.params, space.hidden, space.layers, target, earlier, diversity_weight)
-    for a in earlier:
-        same = (space.layers == a.layers) & (space.hidden == a.hidden) & (space.intermediate == a.intermediate)
-        score[same] = -np.inf
-    k = int(np.argmax(score))
-    if not np.isfinite(score[k]):
-        raise DwmlError("search: the search space has fewer distinct architectures than peers; widen the bounds")
-    return space.arch_at(k)
-
-
-def rel_error(params: int, target: int) -> float:
-    return abs(params - target) / target
-
-
-def peer_targets(n_reference: int, peers: int) -> list[int]:
-    """N_i = N / (i + 1) for i = 1..p, rounded to whole parameters."""
-    return [round(n_reference / (i + 1)) for i in range(1, peers + 1)]
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Bayesian optimisation
 
 
@@ -329,13 +226,13 @@ def _run_bo(space: Space, cfg: SearchConfig, target: int, earlier: list[Arch], p
     distinct points it evaluated."""
     from bayes_opt import BayesianOptimization
 
-    taken = {_shape(a) for a in earlier}
+    taken = {shape_of(a) for a in earlier}
     d0, step = cfg.head_dim[0], cfg.head_dim_step
 
     def f(layers: int, heads: int, head_dim_index: int) -> float:
         a = space.arch(layers, heads, d0 + step * head_dim_index)
         score = float(objective(count_params(a), a.hidden, a.layers, target, earlier, cfg.diversity_weight))
-        return score - DUPLICATE_PENALTY if _shape(a) in taken else score
+        return score - DUPLICATE_PENALTY if shape_of(a) in taken else score
 
     pbounds = {
         "layers": (cfg.layers[0], cfg.layers[1], int),
@@ -356,7 +253,7 @@ def _run_bo(space: Space, cfg: SearchConfig, target: int, earlier: list[Arch], p
     for r in bo.res:
         p = r["params"]
         a = space.arch(p["layers"], p["heads"], d0 + step * p["head_dim_index"])
-        if _shape(a) not in taken and (best is None or r["target"] > best[0]):
+        if shape_of(a) not in taken and (best is None or r["target"] > best[0]):
             best = (r["target"], a)
     if best is None:
         raise DwmlError(f"search: peer {peer}: BO evaluated only architectures of earlier peers; "

@@ -3,23 +3,15 @@ TensorBoard scalars in `RUN/tensorboard/` (`train.tensorboard = true`), to watch
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import DwmlError
 from ..io import write_text
+from ..config import MISSING_TENSORBOARD, tensorboard_available
 
 TENSORBOARD_DIR = "tensorboard"
-MISSING_TENSORBOARD = ("train.tensorboard: the tensorboard package is not installed "
-                       "(pip install 'dwml[tensorboard]', or set train.tensorboard = false)")
-
-
-def tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
-
-
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of one metrics.jsonl record: a number keeps its key (`lr`, `tokens_per_s`,
     `valid_ensemble_loss`, ...), a per-peer list becomes `key/peer{i}` (`train_ce/peer0`, `omega/peer1`,

@@ -11,37 +11,10 @@ specials anyway (packing adds <s>/</s>).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
 
 PLATEAU_MARGIN = 0.5  # nats below the unigram entropy that count as "off the plateau"
-
-
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats) of the empirical unigram distribution of `tokens` (ids < vocab_size)."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
-    total = counts.sum()
-    if total == 0:
-        return float("nan")
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
-
-
-def train_unigram_entropy(prepared_dir: str | Path, meta: dict) -> float:
-    """meta.json's `unigram_entropy` (written by `dwml prepare`), else computed from the train shard.
-
-    Prepared directories written before the field existed get it computed on load: one bincount over the memmap
-    (a fraction of a second for millions of tokens), nothing written back.
-    """
-    value = meta.get("unigram_entropy")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    from ..data.shards import Shard
-
-    shard = Shard(prepared_dir, "train", check_values=False)
-    return unigram_entropy(shard.tokens, shard.vocab_size)
 
 
 def plateau_exit_step(valid_records: list[tuple[int, float]], entropy: float,

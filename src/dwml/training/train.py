@@ -31,7 +31,8 @@ from ..data.masking import MaskedBatch, Prefetcher
 from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
 from .metrics import MetricsLog
 from ..models.model import count_params, masked_logits
-from .plateau import plateau_exit_step, train_unigram_entropy, valid_history
+from ..data.entropy import train_unigram_entropy
+from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
 from ..data.shards import load_meta

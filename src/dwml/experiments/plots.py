@@ -1,0 +1,105 @@
+"""The experiment report's matplotlib figures (Agg backend), each written atomically: omega over the outer steps
+(paper Fig. 3) and the metric against every sweep axis, parameters and final omega (Fig. 2)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_path
+from .analysis import done_runs, metric_of, omega_correlation, sweep_points
+from .formatting import fmt_params, fmt_value
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _panels(n: int, width: float, height: float):
+    """A figure with n panels in rows of at most 3 (unused grid cells hidden): (fig, list of n axes)."""
+    cols = min(3, n)
+    fig = _figure(width * cols, height * math.ceil(n / cols))
+    axes = list(fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def plot_omega(results: dict, path: str | Path) -> bool:
+    """Figure 3: one panel per learned-omega run, one line per peer. False (nothing written) without such runs."""
+    runs = [r for r in done_runs(results) if r.get("omega_trajectory", {}).get("outer_step")]
+    if not runs:
+        return False
+    fig, axes = _panels(len(runs), 4.2, 3.2)
+    for ax, run in zip(axes, runs):
+        traj = run["omega_trajectory"]
+        names = [r for r in run["models"] if r["name"] != "ensemble"]
+        for i in range(len(traj["omega"][0])):
+            label = f"{names[i]['name']} ({fmt_params(names[i]['params'])})" if i < len(names) else f"peer{i}"
+            ax.plot(traj["outer_step"], [w[i] for w in traj["omega"]], label=label)
+        ax.set_title(f"{run['name']} ({run['method']})", fontsize=10)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("ω")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, Path(path))
+    return True
+
+
+def plot_ablations(results: dict, path: str | Path) -> bool:
+    """Figure 2: metric vs every sweep axis, vs parameters, vs final omega (with R)."""
+    key, label = metric_of(results)
+    panels: list[tuple[str, Any]] = []
+    for base, family in sweep_points(results).items():
+        for axis, points in family.items():
+            panels.append(("sweep", (base, axis, points)))
+    peers = [(run, r) for run in done_runs(results) for r in run["models"] if r["name"] != "ensemble"
+             and r[key] is not None]
+    if peers:
+        panels.append(("params", peers))
+    corr = results.get("correlation") or omega_correlation(results)
+    if corr["points"]:
+        panels.append(("omega", corr))
+    if not panels:
+        return False
+    fig, axes = _panels(len(panels), 4.2, 3.4)
+    for ax, (kind, data) in zip(axes, panels):
+        if kind == "sweep":
+            base, axis, points = data
+            categorical = any(isinstance(p["value"], (bool, str)) for p in points)
+            xs = list(range(len(points))) if categorical else [p["value"] for p in points]
+            ax.plot(xs, [p["best"] for p in points], "o-", label="best peer")
+            if any(p["ensemble"] is not None for p in points):
+                ax.plot([x for x, p in zip(xs, points) if p["ensemble"] is not None],
+                        [p["ensemble"] for p in points if p["ensemble"] is not None], "s--", label="ensemble")
+            if categorical:
+                ax.set_xticks(xs, [fmt_value(p["value"]) for p in points])
+            ax.set_xlabel(axis)
+            ax.set_title(f"{base}: vs {axis}", fontsize=10)
+        elif kind == "params":
+            methods = sorted({run["method"] for run, _ in data})
+            for m in methods:
+                pts = [(r["params"], r[key]) for run, r in data if run["method"] == m]
+                ax.scatter([p for p, _ in pts], [v for _, v in pts], label=m, s=18)
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_title("vs model size (every peer)", fontsize=10)
+        else:
+            pts = data["points"]
+            ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], s=18)
+            r = "n/a" if data["r"] is None else f"{data['r']:.2f}"
+            ax.set_xlabel("M · final ω")
+            ax.set_title(f"vs final ω: R = {r} (n = {data['n']})", fontsize=10)
+        ax.set_ylabel(label if len(label) < 30 else label.split(" (")[0])
+        ax.grid(alpha=0.3)
+        if kind != "omega":
+            ax.legend(fontsize=7)
+    _save(fig, Path(path))
+    return True
