@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..checks import tokenizer_fingerprint
-from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from ..errors import DwmlError
 from ..io import atomic_dir, check_output_dir, write_json, write_text
+from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from .entropy import unigram_entropy
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
 from .tokenizer import (DEFAULT_MAX_LENGTH, SPECIAL_TOKENS, check_max_length, check_vocab_size, save_tokenizer,

@@ -78,8 +78,8 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import DwmlError, require
-from .losses import ENSEMBLE_KINDS, dwml_coefficients, dwml_coefficients_outer, ensemble_loss, teacher_term
 from ..models.model import masked_logits
+from .losses import ENSEMBLE_KINDS, dwml_coefficients, dwml_coefficients_outer, ensemble_loss, teacher_term
 from .unrolled import InnerStep
 
 MODES = ("per_peer", "double_backward", "jvp")

@@ -22,12 +22,11 @@ parameters never include (or double count in an optimizer) a parameter of the mo
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import RobertaConfig

@@ -14,7 +14,6 @@ import torch
 
 from ..errors import require
 
-
 UNROLLS = ("adamw", "sgd", "direct")
 
 

@@ -24,10 +24,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
-from ..training.runtime import resolve_device as runtime_resolve_device
 from ..errors import DwmlError
-from .evaldata import EWOK_PAIRINGS, MinimalPair, TASKS, check_ewok_pairing, default_data_dir, load_task, parse_tasks
 from ..io import check_output_file, write_json
+from ..training.runtime import resolve_device as runtime_resolve_device
+from .evaldata import EWOK_PAIRINGS, TASKS, MinimalPair, check_ewok_pairing, default_data_dir, load_task, parse_tasks
 from .scoring import METHODS, PRECISIONS, PeerEnsemble, check_precision, score_sentences
 
 DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"

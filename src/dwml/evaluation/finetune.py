@@ -26,8 +26,8 @@ from ..checks import check_model_tokenizer, model_files
 from ..errors import DwmlError, require
 from ..io import check_output_file, write_json
 from ..models.model import POSITION_OFFSET
-from .glue import DEFAULT_DATA_DIR, DEFAULT_TASKS, Example, FinetuneConfig, TASKS, TaskData, TaskSpec, accuracy, compute_metrics, load_task, resolve_device
-
+from .glue import (DEFAULT_DATA_DIR, DEFAULT_TASKS, TASKS, Example, FinetuneConfig, TaskData, TaskSpec, accuracy,
+                   compute_metrics, load_task, resolve_device)
 
 # --------------------------------------------------------------------------------------------------------------
 # Model

@@ -21,9 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..training import runtime
 from ..errors import DwmlError, require
-
+from ..training import runtime
 
 # The repository's data lives next to it: <repo>/../shared/data (see docs/CONTRIBUTING_AGENTS.md).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "eval" / "glue_filtered"

@@ -6,7 +6,6 @@ import math
 from typing import Any, Iterable, Sequence
 
 
-
 def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) -> list[dict]:
     """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
 

@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..training.metrics import read_records
 from .config import ExperimentConfig
 from .plan import PlannedRun, axis_values
-from .stages import fresh_output, read_json_or_none, eval_settings, flops_stage
+from .stages import eval_settings, flops_stage, fresh_output, read_json_or_none
 
 
 def omega_trajectory(run_dir: Path) -> dict:

@@ -17,7 +17,6 @@ from ..config import METHODS, DistillConfig, RunConfig, from_dict, merge, parse_
 from ..errors import DwmlError, require
 from ..evaluation.glue import FinetuneConfig
 
-
 SECTIONS = ("data", "model", "train", "distill")  # RunConfig tables a run may override
 
 
@@ -188,7 +187,8 @@ def parse_experiment(data: dict, where: str = "experiment") -> ExperimentConfig:
     if "eval" in data:
         cfg.eval = from_dict(EvalSection, data["eval"], f"{where}: eval")
     from ..evaluation.evaldata import EWOK_PAIRINGS, parse_tasks
-    from ..evaluation.scoring import METHODS as SCORING, PRECISIONS
+    from ..evaluation.scoring import METHODS as SCORING
+    from ..evaluation.scoring import PRECISIONS
 
     try:
         cfg.eval.tasks = parse_tasks(cfg.eval.tasks)

@@ -62,12 +62,12 @@ def demo_run_config(out_dir: Path, prepared: Path, steps: int, **sections) -> Ru
 
 
 def run_demo(args) -> int:
-    from ..models.model import count_params, get_preset
     from ..data.prepare import default_corpus_path, prepare
-    from ..models.search import SearchConfig, run_search_to_file
     from ..data.shards import load_meta
-    from ..training.train import train
+    from ..models.model import count_params, get_preset
+    from ..models.search import SearchConfig, run_search_to_file
     from ..training.cli import format_summary
+    from ..training.train import train
 
     if args.peers < 2:
         raise DwmlError(f"--peers: DWML needs at least 2 peers, got {args.peers}")

@@ -45,10 +45,10 @@ from typing import Callable
 
 from ..errors import require
 from ..io import claim_dir, write_json
+from .collect import analytic_flops, collect, host_info, run_budget, teacher_arch_of
 from .config import ExperimentConfig, load_experiment
 from .plan import plan_runs
-from .stages import read_json_or_none, ensure_data, ensure_peers, eval_stage, finetune_stage, prepared_dir, train_stage
-from .collect import analytic_flops, collect, host_info, run_budget, teacher_arch_of
+from .stages import ensure_data, ensure_peers, eval_stage, finetune_stage, prepared_dir, read_json_or_none, train_stage
 
 
 def run_experiment(cfg: ExperimentConfig, *, only: list[str] | None = None, report_only: bool = False,
@@ -114,8 +114,8 @@ def estimate(cfg: ExperimentConfig, mfu: float = 0.4) -> dict:
     Vocabulary: the prepared data's if it exists, else [prepare].vocab_size; tokens per sequence: seq_len (full
     packing); peers: OUT/peers.json if present, else searched now (not written).
     """
-    from ..models.flops import H100_BF16_PEAK, gpu_hours
     from ..data.shards import load_meta
+    from ..models.flops import H100_BF16_PEAK, gpu_hours
 
     exp_dir = Path(cfg.out_dir)
     prepared = prepared_dir(cfg, exp_dir)

@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 from ..checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer
+from ..data.tokenizer import copy_tokenizer
 from ..errors import DwmlError
 from ..io import atomic_dir, check_output_dir, read_json, write_text
-from ..data.tokenizer import copy_tokenizer
-
 
 # How the model card names each model family (`dwml.models.model`).
 FAMILY_STYLE = {"roberta": "RoBERTa-style", "modernbert": "ModernBERT (pre-norm, rotary positions, GeGLU)"}

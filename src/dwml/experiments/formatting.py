@@ -5,7 +5,6 @@ import math
 from typing import Any, Sequence
 
 
-
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
     align = [":--"] + ["--:"] * (len(header) - 1)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import DistillConfig, RunConfig, from_dict, merge, to_toml
 from ..errors import DwmlError, require
-from .config import ExperimentConfig, PEER_METHODS, RunSpec, SECTIONS, SINGLE_PEER_METHOD, format_value
+from .config import PEER_METHODS, SECTIONS, SINGLE_PEER_METHOD, ExperimentConfig, RunSpec, format_value
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ..io import write_text
 from .analysis import done_runs, metric_of, omega_correlation, sweep_points
+from .formatting import fmt, fmt_flops, fmt_params, fmt_value, md_table
 from .plots import plot_ablations, plot_omega
-from .formatting import fmt_value, fmt, fmt_flops, fmt_params, md_table
 
 TASK_LABELS = {
     "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers' model code takes seconds to import: only where a model is built
     from transformers import ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
@@ -27,8 +26,8 @@ if TYPE_CHECKING:  # transformers' model code takes seconds to import: only wher
     MaskedLM = RobertaForMaskedLM | ModernBertForMaskedLM
 
 from ..config import check_family
-from ..errors import DwmlError
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from ..errors import DwmlError
 
 # RoBERTa's padding_idx is 1 and positions start at padding_idx + 1, so a sequence of n tokens needs n + 2 positions.
 POSITION_OFFSET = 2

@@ -67,7 +67,7 @@ from ..config import MODEL_FAMILIES, check_family, from_dict, read_toml
 from ..errors import DwmlError
 from ..io import check_output_file, write_json
 from .model import PRESETS, Arch, count_params, get_preset
-from .space import DUPLICATE_PENALTY, Space, shape_of, build_space, exhaustive_best, objective, peer_targets, rel_error
+from .space import DUPLICATE_PENALTY, Space, build_space, exhaustive_best, objective, peer_targets, rel_error, shape_of
 
 # UCB = mean + kappa * std. bayes_opt's default kappa 2.576 explores too much for 110 evaluations of a 3,072-point
 # space: over 6 seeds of the base reference (4 peers) it missed the exhaustive optimum by > 1% on 4 of 24 peers

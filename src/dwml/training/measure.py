@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..models.model import Arch
 from ..models.flops import step_flops
+from ..models.model import Arch
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[int, Any]:
@@ -38,13 +38,13 @@ def measure_step_flops(cfg, prepared=None, device: str | torch.device | None = N
     """
     from pathlib import Path
 
-    from ..distill.hypergrad import hypergradient
     from ..data.masking import BatchStream
+    from ..data.shards import PackedSequences, load_meta
+    from ..distill.hypergrad import hypergradient
     from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
+    from ..distill.selfdistill import SelfDistillHeads
     from ..models.model import Student, build_model
     from .runtime import resolve_device
-    from ..distill.selfdistill import SelfDistillHeads
-    from ..data.shards import PackedSequences, load_meta
     from .setup import load_teacher, resolve_archs
 
     t, d, method = cfg.train, cfg.distill, cfg.train.method

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import MISSING_TENSORBOARD, tensorboard_available
 from ..errors import DwmlError
 from ..io import write_text
-from ..config import MISSING_TENSORBOARD, tensorboard_available
 
 TENSORBOARD_DIR = "tensorboard"
 def scalars(record: dict[str, Any]) -> dict[str, float]:

@@ -1,18 +1,13 @@
-"""The unigram plateau: the corpus' unigram entropy and the step at which a model's validation loss leaves it.
+"""The unigram plateau: the step at which a model's validation loss leaves the corpus' unigram entropy.
 
 A masked LM that has learned token frequencies and nothing else predicts every masked token with the training
-split's unigram distribution; its expected loss is then the unigram entropy H = -sum_v p(v) log p(v) (nats). A
-validation loss at H means "frequencies only"; `PLATEAU_MARGIN` nats below H is where we say a model has started to
-use context (`plateau_exit_step`).
-
-The entropy is taken over the token ids the MLM predicts: the document tokens of the train shard. Specials (<s>,
-</s>, <pad>, <mask>) are excluded - masking never selects them, so they are never a label - and the shards hold no
-specials anyway (packing adds <s>/</s>).
+split's unigram distribution; its expected loss is then the unigram entropy H (`dwml.data.entropy`). A validation
+loss at H means "frequencies only"; `PLATEAU_MARGIN` nats below H is where we say a model has started to use context
+(`plateau_exit_step`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-
 
 PLATEAU_MARGIN = 0.5  # nats below the unigram entropy that count as "off the plateau"
 

@@ -15,17 +15,16 @@ import torch.distributed as dist
 
 from ..checks import check_peer_arch, check_peers_file
 from ..config import RunConfig
-from ..errors import DwmlError
-from ..io import atomic_dir, write_json
 from ..data.masking import BatchStream, Prefetcher
-from ..distill.methods import PEER_METHODS
-from ..models.model import POSITION_OFFSET, Arch, Student, get_preset
-from .runtime import Runtime
 from ..data.shards import PackedSequences
 from ..data.tokenizer import copy_tokenizer
-from ..models.model import build_model
-from ..distill.selfdistill import SelfDistillHeads
 from ..distill.hypergrad import OmegaState
+from ..distill.methods import PEER_METHODS
+from ..distill.selfdistill import SelfDistillHeads
+from ..errors import DwmlError
+from ..io import atomic_dir, write_json
+from ..models.model import POSITION_OFFSET, Arch, Student, build_model, get_preset
+from .runtime import Runtime
 
 
 def resolve_archs(cfg: RunConfig, vocab_size: int) -> list[tuple[str, Arch]]:
@@ -169,11 +168,17 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
         held = Subset(valid_seqs, held_idx)
         held_bs = cfg.distill.heldout_batch_size or max(1, t.batch_size // 2)
         heldout = BatchStream(held, min(held_bs, len(held)), seed=t.seed + 2, rank=0, world_size=1, **common)
-    if cfg.data.prefetch:  # build the next batches in a background thread, page-locked for async copies
-        pin = rt.device.type == "cuda"
-        train = Prefetcher(train, cfg.data.prefetch, pin)
-        heldout = Prefetcher(heldout, cfg.data.prefetch, pin) if heldout is not None else None
     return Batches(train, heldout, valid)
+
+
+def prefetch(batches: Batches, cfg: RunConfig, rt: Runtime) -> Batches:
+    """With `data.prefetch`, the next batches are built in a background thread, page-locked for async copies."""
+    if cfg.data.prefetch:
+        pin = rt.device.type == "cuda"
+        batches.train = Prefetcher(batches.train, cfg.data.prefetch, pin)
+        if batches.heldout is not None:
+            batches.heldout = Prefetcher(batches.heldout, cfg.data.prefetch, pin)
+    return batches
 
 
 def gather_rng(rt: Runtime):

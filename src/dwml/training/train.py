@@ -20,25 +20,24 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
-from . import rundir
 from ..checks import NonFiniteGuard, check_checkpoint_matches, check_prepared_tokenizer, check_same_tokenizer
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import RunConfig
-from ..distill.hypergrad import MirrorDescentConfig, hypergradient, mixed_ratio
-from ..io import write_text
-from ..distill.losses import ensemble_loss, mlm_loss
-from ..data.masking import MaskedBatch, Prefetcher
-from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
-from .metrics import MetricsLog
-from ..models.model import count_params, masked_logits
 from ..data.entropy import train_unigram_entropy
+from ..data.masking import MaskedBatch, Prefetcher
+from ..data.shards import load_meta
+from ..distill.hypergrad import MirrorDescentConfig, hypergradient, mixed_ratio
+from ..distill.losses import ensemble_loss, mlm_loss
+from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
+from ..io import write_text
+from ..models.model import count_params, masked_logits
+from . import rundir
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog
 from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
-from ..data.shards import load_meta
-from .setup import gather_rng, set_rng_state, export_final, load_teacher, make_batches, make_optimizer, resolve_archs
-from .setup import build_students, initial_omega, wrap_students
-
+from .setup import (build_students, export_final, gather_rng, initial_omega, load_teacher, make_batches, make_optimizer,
+                    prefetch, resolve_archs, set_rng_state, wrap_students)
 
 # --------------------------------------------------------------------------------------------------------------
 # The run, phase by phase
@@ -146,7 +145,7 @@ class Trainer:
         self.mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
                                           total_steps=max(1, t.max_steps // d.outer_every))
         self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
-        self.batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
+        self.batches = prefetch(make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega), cfg, rt)
         self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
 
         self.models = wrap_students(self.students, rt, t.compile)  # DDP / torch.compile; `students` stay bare
