@@ -24,7 +24,7 @@ import torch
 from ..errors import DwmlError, require
 from ..training import runtime
 
-# The repository's data lives next to it: <repo>/../shared/data (see docs/CONTRIBUTING_AGENTS.md).
+# The repository's data lives next to it: <repo>/../shared/data (see ../shared/data/README.md).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "eval" / "glue_filtered"
 
 

@@ -3,7 +3,7 @@
 `load_experiment` reads the TOML (with `--set` overrides), `parse_experiment` checks every key (an unknown one is an
 error naming the file and the key) and returns an `ExperimentConfig`: [prepare] or [data], [base] (a RunConfig
 applied to every run), [search], [[runs]], [sweep] (one axis at a time around a base run), [eval] and [finetune].
-The format is documented in `dwml.experiments.experiment` and docs/experiments.md.
+The format is documented in the docstring of `dwml.experiments.experiment` and in docs/usage.md.
 """
 from __future__ import annotations
 

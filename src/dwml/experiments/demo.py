@@ -16,12 +16,12 @@ from ..errors import DwmlError
 from ..io import claim_dir
 
 # The demo's recipe, kept small enough for a 2-core CPU: a ~1.5M-parameter tiny model, 64-token sequences.
-# Model and training recipe are the winner of benchmarks/recipe_study.py (README "The unigram plateau and the
+# Model and training recipe are the winner of benchmarks/recipe_study.py (docs/results.md, "The unigram plateau and the
 # training recipe"): the pre-norm ModernBERT encoder (RoPE, GeGLU; the same parameter count as RoBERTa tiny) with
 # 30% masking (validation stays at 15%), no dropout, linear decay to 0 - 3.97 nats after 4.9M tokens where the
 # post-LN RoBERTa got 6.01. The MLM baseline and the searched DWML peers are all ModernBERT (`model.family`; the
 # library's default family stays RoBERTa). On RoBERTa tiny models this demo ended every model on the unigram plateau
-# (MLM 6.68, peers 6.61-6.65; entropy 6.80); with ModernBERT the MLM leaves it (6.0-6.1, README "Results") at the same
+# (MLM 6.68, peers 6.61-6.65; entropy 6.80); with ModernBERT the MLM leaves it (6.0-6.1, docs/results.md) at the same
 # cost, while the 2-4x smaller peers get 0.3-0.4 nats below the entropy (as independent MLMs they get no further).
 DEMO_FAMILY = "modernbert"
 DEMO_CONFIG = {
