@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_eval_search_out_and_experiment_dir_are_checked_before_the_work(tmp_path
     assert "is a directory" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not json")
     assert main(["search", "--out", str(tmp_path / "notes.txt")]) == 2
-    assert "is not a dwml JSON result" in capsys.readouterr().err
+    assert "is not a previous `dwml search` result" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "not json"
     # An experiment never scatters its files into an unrelated directory.
     exp = tmp_path / "exp.toml"
@@ -322,3 +323,114 @@ def test_half_written_checkpoint_of_a_killed_run_is_cleaned(tmp_path):
     assert len(list((tmp_path / "checkpoints").iterdir())) == 1
     save_checkpoint(tmp_path, 4, _state(4))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004.pt"]
+
+
+def _fake_outputs(root):
+    """A run directory, a prepared directory, a model folder and a user's own JSON, as `--out` targets."""
+    run = root / "run"
+    (run / "final").mkdir(parents=True)
+    (run / ".dwml-output.json").write_text(json.dumps({"command": "train"}))
+    (run / "final" / "summary.json").write_text(json.dumps({"method": "mlm", "peers": []}))
+    data = root / "data"
+    (data / "tokenizer").mkdir(parents=True)
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 10}))
+    model = root / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text(json.dumps({"model": {}}))
+    notes = root / "notes.json"
+    notes.write_text(json.dumps({"mine": 1}))
+    return run / "final" / "summary.json", data / "meta.json", model / "tokenizer.json", notes
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune", "search"])
+def test_out_never_replaces_a_file_that_a_run_data_or_model_needs(tmp_path, capsys, command):
+    """--out naming a run's summary, a prepared directory's meta.json or a model's tokenizer.json is refused with
+    or without --overwrite; a user's JSON object only without it; each file is left byte-identical."""
+    summary, meta, tokenizer, notes = _fake_outputs(tmp_path)
+    before = {p: p.read_bytes() for p in (summary, meta, tokenizer, notes)}
+    args = {"eval": ["eval", str(tmp_path / "no-model")], "finetune": ["finetune", str(tmp_path / "no-model")],
+            "search": ["search", "--reference", "tiny", "--peers", "1"]}[command]
+    for target, why in [(summary, "is a file of the run directory"), (meta, "is a file of the prepared data"),
+                        (tokenizer, "is a file of the model folder")]:
+        for extra in ([], ["--overwrite"]):
+            assert main([*args, "--out", str(target), *extra]) == 2
+            err = capsys.readouterr().err
+            assert why in err and err.count("\n") == 1, err
+    assert main([*args, "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"not a previous `dwml {command}` result" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_out_refuses_a_symlink_and_accepts_its_own_previous_result(tmp_path):
+    from dwml.errors import DwmlError
+    from dwml.io import check_output_file, result_document, write_json
+
+    mine = tmp_path / "eval.json"
+    write_json(mine, result_document("eval", {"models": {}}))
+    check_output_file(mine, "eval")  # a previous `dwml eval` result: replaced
+    with pytest.raises(DwmlError, match="not a previous `dwml finetune` result"):
+        check_output_file(mine, "finetune")  # another command's result is not replaced without --overwrite
+    check_output_file(mine, "finetune", overwrite=True)
+    link = tmp_path / "link.json"
+    link.symlink_to(mine)
+    with pytest.raises(DwmlError, match="symbolic link"):
+        check_output_file(link, "eval", overwrite=True)
+    inside = tmp_path / "run"
+    (inside / "final").mkdir(parents=True)
+    (inside / ".dwml-output.json").write_text(json.dumps({"command": "train"}))
+    write_json(inside / "final" / "eval.json", result_document("eval", {}))
+    check_output_file(inside / "final" / "eval.json", "eval")  # its own earlier result inside a run: replaced
+    check_output_file(inside / "new.json", "eval")  # a new file inside a run: written
+    assert json.loads(mine.read_text())["dwml_result"] == "eval"
+
+
+def _model_folder(root: Path) -> Path:
+    from evalfixtures import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    folder = root / "model"
+    make_model(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("fresh_process", [False, True])
+def test_eval_and_export_print_no_transformers_bars_or_load_reports(tmp_path, capfd, fresh_process):
+    """transformers' "Loading weights" bars and LOAD REPORTs are silenced inside dwml's commands - in a fresh
+    process (the environment) and where transformers is already imported (its logging API); a config.json whose
+    vocabulary disagrees with the weights gives exactly one `dwml: error:` line."""
+    folder = _model_folder(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 7}))
+    good_args = ["eval", str(folder), "--tasks", "blimp_fast", "--limit", "1", "--no-groups"]
+    bad_args = ["eval", str(bad), "--tasks", "blimp_fast", "--limit", "1"]
+    if fresh_process:
+        env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+        run = [subprocess.run([sys.executable, "-m", "dwml.cli", *a], capture_output=True, text=True, env=env)
+               for a in (good_args, bad_args)]
+        (rc_good, err_good), (rc_bad, err_bad) = [(r.returncode, r.stderr) for r in run]
+    else:
+        rc_good = main(good_args)
+        err_good = capfd.readouterr().err
+        rc_bad = main(bad_args)
+        err_bad = capfd.readouterr().err
+    assert rc_good == 0 and "Loading weights" not in err_good and "LOAD REPORT" not in err_good, err_good
+    assert rc_bad == 2 and err_bad.count("\n") == 1 and err_bad.startswith("dwml: error:"), err_bad
+    assert "weight's shape differs from config.json" in err_bad
+
+
+def test_every_eval_argument_is_checked_before_a_model_is_loaded(tmp_path, capfd, monkeypatch):
+    import dwml.evaluation.evaluate as evaluate
+
+    folder = _model_folder(tmp_path)
+    monkeypatch.setattr(evaluate, "load_masked_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    for extra, why in [(["--token-budget", "0"], "--token-budget"), (["--limit", "0"], "--limit"),
+                       (["--tasks", "nope"], "nope"), (["--device", "tpu"], "device")]:
+        assert main(["eval", str(folder), *extra]) == 2
+        err = capfd.readouterr().err
+        assert why in err and err.count("\n") == 1 and not err.startswith("peer0"), err

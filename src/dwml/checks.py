@@ -185,6 +185,55 @@ def check_prepared_tokenizer(prepared: str | Path, meta: dict) -> str:
     return fingerprint
 
 
+def _sha256_files(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(prepared: str | Path, meta: dict) -> str:
+    """sha256 of what identifies a prepared directory's token stream: meta.json's vocabulary and per-split counts,
+    the shard headers and the shard sizes (re-preparing in place with another corpus, tokenizer or split changes it;
+    the shards themselves are not read, so this costs nothing at start-up)."""
+    prepared = Path(prepared)
+    parts = {"vocab_size": meta.get("vocab_size"), "dtype": meta.get("dtype"), "splits": meta.get("splits")}
+    for split in ("train", "valid"):
+        header, shard = prepared / f"{split}.json", prepared / f"{split}.bin"
+        parts[split] = [header.read_text(encoding="utf-8") if header.is_file() else None,
+                        shard.stat().st_size if shard.is_file() else None]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 of a Hugging Face folder's config.json and weight files (a KD teacher replaced in place changes it)."""
+    folder = Path(folder)
+    files = [folder / "config.json"] + sorted(p for p in folder.iterdir()
+                                              if p.suffix in (".safetensors", ".bin") and p.is_file())
+    return _sha256_files(files)
+
+
+# what a checkpoint's weights depend on besides the config: key -> what the user reads in the error
+INPUTS = {"tokenizer_sha256": "tokenizer", "data_sha256": "prepared data", "teacher_sha256": "teacher model"}
+
+
+def check_same_inputs(path: str | Path, state: dict, inputs: dict[str, str]) -> None:
+    """Before resuming from checkpoint `path`: the tokenizer, the prepared data and a KD teacher are the ones the
+    run started with (`inputs` as recorded by `Trainer`); checkpoints older than this check record none."""
+    saved = state.get("inputs")
+    if not isinstance(saved, dict):
+        return
+    for key, ours in inputs.items():
+        theirs = saved.get(key)
+        require(theirs in (None, ours),
+                f"{path}: this run started with another {INPUTS[key]} (sha256 {str(theirs)[:12]}..., now "
+                f"{ours[:12]}...; re-prepared or replaced in place?); restore it, or start over with --no-resume "
+                f"(the old run is moved aside)")
+
+
 def check_same_tokenizer(path: str | Path, expected: str | None, what: str) -> None:
     """Raise unless the tokenizer at `path` has fingerprint `expected` (None: nothing recorded, nothing to check)."""
     if expected is None:
@@ -220,6 +269,8 @@ def model_files(path: str | Path) -> Iterator[None]:
         yield
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "ignore_mismatched_sizes" in reason:  # transformers points to a load report that dwml does not print
+            reason = "a weight's shape differs from config.json's (e.g. vocab_size edited or from another model)"
         raise DwmlError(f"{path}: cannot load the model or tokenizer files ({reason})") from None
 
 

@@ -32,8 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") and load reports are not dwml's
+    output: a command prints its results and, on error, exactly one `dwml: error:` line. Set before transformers is
+    imported (the environment) and, where it already is (tests, notebooks), through its logging API; a user who sets
+    TRANSFORMERS_VERBOSITY (e.g. to debug a load) keeps it. dwml's own tqdm bars are not affected."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+            hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 MARKER = ".dwml-output.json"
+# The first key of every JSON result written to a user-named --out file: the command that wrote it.
+RESULT_KEY = "dwml_result"
 # Commands whose output directory is a container of other dwml outputs (prepared data, runs), not one output.
 CONTAINER_COMMANDS = ("experiment", "demo")
 _TMP_TAG = "dwmltmp"
@@ -245,14 +247,53 @@ def claim_dir(d: str | os.PathLike, command: str, legacy: Iterable[str] = ()) ->
     return d
 
 
-def check_output_file(path: str | os.PathLike | None, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file path that cannot or must not be written: a directory, a path
-    below a regular file, or an existing file that is not a JSON object (so not a previous dwml result)."""
+def result_document(command: str, result: dict) -> dict:
+    """`result` with dwml's format marker first: {RESULT_KEY: command, ...}. Every JSON result that a user names
+    with `--out` carries it, so a later `--out` can tell a previous result of the same command from anything else."""
+    return {RESULT_KEY: command, **{k: v for k, v in result.items() if k != RESULT_KEY}}
+
+
+def result_command(path: Path) -> str | None:
+    """The command whose marked JSON result `path` is, or None (not JSON, not an object, or no marker)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = data.get(RESULT_KEY) if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def owning_output(real: Path) -> tuple[Path, str] | None:
+    """(directory, description) of what the file at `real` (resolved) belongs to: any dwml output above it (a run,
+    prepared data, an export, an experiment or demo directory), prepared data without a marker (meta.json next to
+    tokenizer/), or a Hugging Face model folder (config.json beside it); None for a plain directory."""
+    for parent in real.parents:
+        kind = output_command(parent)
+        if kind:
+            return parent, "the run directory" if kind == "train" else f"the `dwml {kind}` output"
+    for parent in list(real.parents)[:2]:
+        if (parent / "meta.json").is_file() and (parent / "tokenizer").is_dir():
+            return parent, "the prepared data directory"
+    if (real.parent / "config.json").is_file():
+        return real.parent, "the model folder"
+    return None
+
+
+def check_output_file(path: str | os.PathLike | None, command: str, *, overwrite: bool = False,
+                      flag: str = "--out") -> None:
+    """Refuse, before any work, an output file path that cannot or must not be written by `dwml <command>`:
+    - a directory, a path below a regular file, a symbolic link (the atomic write would replace the link);
+    - an existing file inside a run, prepared data, a model folder or another dwml output, unless it is a previous
+      result of this command: such files are what those directories need, so `--overwrite` does not apply;
+    - anywhere else, an existing file that is not a previous result of this command (no `RESULT_KEY` marker naming
+      it), unless `overwrite`."""
     from .errors import DwmlError
 
     if not path:
         return
     p = Path(path)
+    if p.is_symlink():
+        raise DwmlError(f"{flag} {p}: is a symbolic link; refusing to replace it (name the file itself)")
     if p.is_dir():
         raise DwmlError(f"{flag} {p}: is a directory; expected a file name such as {p / 'results.json'}")
     for parent in p.parents:
@@ -260,13 +301,18 @@ def check_output_file(path: str | os.PathLike | None, flag: str = "--out") -> No
             if not parent.is_dir():
                 raise DwmlError(f"{flag} {p}: {parent} is not a directory")
             break
-    if p.exists():
-        try:
-            ours = isinstance(json.loads(p.read_text(encoding="utf-8")), dict)
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
-            raise DwmlError(f"{flag} {p}: exists and is not a dwml JSON result; refusing to overwrite it")
+    if not p.exists():
+        return
+    real = p.resolve()
+    ours = result_command(real) == command
+    owner = owning_output(real)
+    if owner and not ours:
+        where, what = owner
+        raise DwmlError(f"{flag} {p}: is a file of {what} {where}; dwml never overwrites it "
+                        f"(--overwrite does not apply); choose another file name")
+    if not ours and not overwrite:
+        raise DwmlError(f"{flag} {p}: exists and is not a previous `dwml {command}` result (no \"{RESULT_KEY}\" "
+                        f"marker); choose another file or pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------------------------------------------

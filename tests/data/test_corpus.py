@@ -37,12 +37,30 @@ def test_discover_recurses_until_a_level_holds_data(tmp_path):
     write(tmp_path / "b" / "deep" / "two.test", "y\n")
     write(tmp_path / "c" / "export.txt", "z\n")
     write(tmp_path / "c" / "raw" / "export_source.csv.gz", "text\nz\n")
-    files, skipped = discover_files([tmp_path])
+    files, skipped, _ = discover_files([tmp_path])
     assert [f.name for f in files] == ["one.train", "two.test", "export.txt"]
     assert skipped == [tmp_path / "c" / "raw"]
     # Naming the skipped folder (or a file) reads it.
-    files, _ = discover_files([tmp_path / "c" / "raw", tmp_path / "a" / "one.train"])
+    files, _, _ = discover_files([tmp_path / "c" / "raw", tmp_path / "a" / "one.train"])
     assert [f.name for f in files] == ["export_source.csv.gz", "one.train"]
+
+
+def test_broken_links_and_link_loops_are_reported_not_skipped_silently(tmp_path):
+    """A dangling symlink (named like a data file) and a link back to an enclosing folder are listed in
+    `broken_links`, and `dwml prepare`'s summary says so; neither stops the read nor loops."""
+    from dwml.data.prepare import format_summary, prepare
+
+    write(tmp_path / "corpus" / "one.train", "The cat sat on the mat.\nA dog ran.\n" * 50)
+    (tmp_path / "corpus" / "gone.train").symlink_to(tmp_path / "nowhere.train")
+    write(tmp_path / "corpus2" / "sub" / "two.train", "Birds fly.\n" * 50)
+    (tmp_path / "corpus2" / "back").symlink_to(tmp_path / "corpus2", target_is_directory=True)
+    found = discover_files([tmp_path / "corpus", tmp_path / "corpus2"])
+    assert [f.name for f in found.files] == ["one.train", "two.train"]
+    assert found.broken_links == [tmp_path / "corpus" / "gone.train", tmp_path / "corpus2" / "back"]
+    meta = prepare([tmp_path / "corpus", tmp_path / "corpus2"], tmp_path / "data", vocab_size=300)
+    assert meta["skipped_links"] == [str(p) for p in found.broken_links]
+    summary = format_summary(meta)
+    assert f"skipped {tmp_path / 'corpus' / 'gone.train'} (a symbolic link whose target is missing" in summary
 
 
 def test_missing_and_empty_inputs_name_the_path(tmp_path):

@@ -128,3 +128,17 @@ def test_default_corpus_path(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "__file__", str(tmp_path / "a" / "b" / "c" / "d.py"))
     with pytest.raises(DwmlError, match="default corpus not found"):
         default_corpus_path()
+
+
+def test_reuse_of_prepared_data_with_other_settings_is_refused(tiny_corpus, tiny_prepared, tmp_path):
+    """A demo or experiment directory's data/ is reused only when it was prepared from the same inputs with the
+    same settings: another corpus, vocabulary or seed is one line naming the difference."""
+    from dwml.data.prepare import check_reusable
+
+    check_reusable(tiny_prepared, [tiny_corpus], vocab_size=TINY_VOCAB, valid_fraction=0.02, seed=0)
+    with pytest.raises(DwmlError, match=r"vocab_size_requested 1000 there, 2000 asked"):
+        check_reusable(tiny_prepared, [tiny_corpus], vocab_size=2000)
+    with pytest.raises(DwmlError, match=r"inputs .* asked"):
+        check_reusable(tiny_prepared, [tmp_path], vocab_size=TINY_VOCAB)
+    with pytest.raises(DwmlError, match=r"seed 0 there, 1 asked"):
+        check_reusable(tiny_prepared, [tiny_corpus], seed=1)

@@ -213,3 +213,39 @@ def test_every_method_reports_on_the_same_valid_sequences(tiny_prepared, tmp_pat
     n_held = len(b.heldout.sequences)
     assert 0 < n_held < n_valid
     assert sum(vb.input_ids.shape[0] for vb in a.valid) == n_valid - n_held
+
+
+@pytest.mark.parametrize("change", ["tokenizer", "teacher"])
+def test_resume_refuses_other_inputs_than_the_run_started_with(tiny_corpus, tiny_prepared, tmp_path, capsys, change):
+    """A checkpoint records the tokenizer, prepared-data and teacher fingerprints: re-preparing the data in place
+    with another tokenizer of the same size (or replacing a KD teacher's weights) stops the resume with one line,
+    instead of resuming with exit 0 and exporting weights trained on other ids."""
+    import shutil
+
+    from conftest import TINY_VOCAB
+    from dwml.data.prepare import prepare
+
+    prepared = tmp_path / "data"
+    shutil.copytree(tiny_prepared, prepared)
+    extra = {}
+    if change == "teacher":
+        train(make_cfg(prepared, tmp_path / "teacher", train={"max_steps": 6}))
+        extra = {"train": {"method": "kd"}, "distill": {"teacher": str(tmp_path / "teacher")}}
+    cfg = make_cfg(prepared, tmp_path / "run", **extra)
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=6)
+    if change == "tokenizer":
+        prepare([tiny_corpus], prepared, vocab_size=TINY_VOCAB, valid_fraction=0.02, seed=0, lowercase=True,
+                overwrite=True)
+        assert json.loads((prepared / "meta.json").read_text())["vocab_size"] == TINY_VOCAB
+    else:
+        weights = tmp_path / "teacher" / "final" / "peer0" / "model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        save_file({k: v + 0.01 for k, v in state.items()}, weights, metadata={"format": "pt"})
+    assert main(["train", str(tmp_path / "run" / "config.toml")]) == 2
+    err = capsys.readouterr().err
+    what = "tokenizer" if change == "tokenizer" else "teacher model"
+    assert f"this run started with another {what}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "final").exists()

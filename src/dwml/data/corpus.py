@@ -30,7 +30,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -66,17 +66,31 @@ def _data_suffix(path: Path) -> str | None:
     return None
 
 
-def discover_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
-    """Data files under `paths` (sorted per directory) and the sub-directories skipped by the first-level rule."""
+class Discovery(NamedTuple):
+    files: list[Path]  # the data files, sorted per directory, each once
+    skipped_dirs: list[Path]  # sub-directories left out by the first-level rule
+    broken_links: list[Path]  # symbolic links whose target is missing (or a link loop): reported, never silent
+
+
+def discover_files(paths: Sequence[str | Path]) -> Discovery:
+    """Data files under `paths` (sorted per directory), the sub-directories skipped by the first-level rule and the
+    broken symbolic links met on the way."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
     skipped: list[Path] = []
+    broken: list[Path] = []
 
     def walk(directory: Path) -> None:
         entries = sorted(directory.iterdir())
+        broken.extend(p for p in entries if p.is_symlink() and not p.exists())
         here = [p for p in entries if p.is_file() and _data_suffix(p)]
         subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        # a linked directory that leads back to this one or above it would be walked forever: a loop, reported
+        above = {directory.resolve(), *directory.resolve().parents}
+        loops = [p for p in subdirs if p.is_symlink() and p.resolve() in above]
+        broken.extend(loops)
+        subdirs = [p for p in subdirs if p not in loops]
         if here:
             files.extend(here)
             skipped.extend(subdirs)
@@ -101,7 +115,7 @@ def discover_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]
             raise DwmlError(f"{path}: no corpus files found (expected *.train/*.dev/*.test/*.txt/*.csv[.gz])")
     # The same file named twice (a file plus its directory) is read once.
     unique = list(dict.fromkeys(p.resolve() for p in files))
-    return unique, skipped
+    return Discovery(unique, skipped, broken)
 
 
 def source_name(path: Path) -> str:
@@ -285,7 +299,7 @@ def read_corpus(
     `max_docs` keeps a contiguous prefix of every source, proportional to its size, so a quick run still sees
     every source.
     """
-    files, _ = discover_files(paths)
+    files = discover_files(paths).files
     docs: list[Document] = []
     for f in files:
         docs.extend(read_file(f, errors=errors))

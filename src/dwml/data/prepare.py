@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..checks import tokenizer_fingerprint
 from ..errors import DwmlError
-from ..io import atomic_dir, check_output_dir, write_json, write_text
+from ..io import atomic_dir, check_output_dir, read_json, write_json, write_text
 from .corpus import Document, count_words, discover_files, group_by_source, read_corpus, split_documents
 from .entropy import unigram_entropy
 from .shards import META_FORMAT, dtype_for_vocab, encode_documents, write_shard
@@ -56,6 +56,20 @@ def _split_stats(docs: Sequence[Document], lengths) -> dict:
     return {**total, "sources": sources}
 
 
+def check_reusable(prepared: Path, inputs: Sequence[str | Path], **settings) -> None:
+    """Before a demo or an experiment reuses `prepared` (it holds meta.json): it was prepared from these inputs
+    with these settings (`vocab_size`, `valid_fraction`, `seed`, `lowercase`, `min_frequency`, `max_docs`, as given
+    to `prepare`); otherwise one line naming what differs, instead of silently training on other data."""
+    meta = read_json(prepared / "meta.json", "prepared-data metadata")
+    wanted = {"inputs": [str(Path(p).resolve()) for p in inputs], **settings}
+    if "vocab_size" in wanted:
+        wanted["vocab_size_requested"] = wanted.pop("vocab_size")
+    differ = [f"{k} {meta.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if meta.get(k, v) != v]
+    if differ:
+        raise DwmlError(f"{prepared}: prepared with other settings ({'; '.join(differ)}); choose a new output "
+                        f"directory, or restore the settings")
+
+
 def prepare(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -84,7 +98,7 @@ def prepare(
     if not inputs:
         raise DwmlError("inputs: expected at least one corpus file or directory")
     check_output_dir(out_dir, "prepare", inputs=inputs, overwrite=overwrite)
-    files, skipped = discover_files(inputs)
+    files, skipped, broken = discover_files(inputs)
     docs = read_corpus(files, errors=errors, max_docs=max_docs)
     train, valid = split_documents(docs, valid_fraction=valid_fraction, seed=seed)
     t_read = time.perf_counter()
@@ -128,6 +142,7 @@ def prepare(
             "inputs": [str(Path(p).resolve()) for p in inputs],
             "files": [str(f) for f in files],
             "skipped_dirs": [str(s) for s in skipped],
+            "skipped_links": [str(s) for s in broken],
             "tokenizer": "tokenizer",
             "tokenizer_sha256": tokenizer_fingerprint(tmp / "tokenizer"),  # checked before training and at export
             "splits": splits,
@@ -162,6 +177,8 @@ def format_summary(meta: dict) -> str:
                      f"that knows token frequencies only)")
     for s in meta.get("skipped_dirs", []):
         lines.append(f"skipped {s} (its parent holds corpus files; name it explicitly to include it)")
+    for s in meta.get("skipped_links", []):
+        lines.append(f"skipped {s} (a symbolic link whose target is missing, or a link loop)")
     if "timings_s" in meta:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in meta["timings_s"].items()))
     return "\n".join(lines)

@@ -25,10 +25,10 @@ import torch
 
 from ..checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
 from ..errors import DwmlError
-from ..io import check_output_file, write_json
+from ..io import check_output_file, result_document, write_json
 from ..training.runtime import resolve_device as runtime_resolve_device
 from .evaldata import EWOK_PAIRINGS, TASKS, MinimalPair, check_ewok_pairing, default_data_dir, load_task, parse_tasks
-from .scoring import METHODS, PRECISIONS, PeerEnsemble, check_precision, score_sentences
+from .scoring import METHODS, PRECISIONS, PeerEnsemble, check_precision, check_token_budget, score_sentences
 
 DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"
 TIES_RULE = "correct"  # how `accuracy` / `macro_accuracy` count a tie (BabyLM); the strict_* numbers count it wrong
@@ -206,6 +206,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     """
     if method not in METHODS:
         raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
+    check_token_budget(token_budget)  # every argument is checked before a model is loaded
     check_precision(precision)
     check_ewok_pairing(ewok_pairing)
     task_names = parse_tasks(tasks)
@@ -239,7 +240,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     if with_ensemble:
         run("ensemble", PeerEnsemble([m for _, m, _ in loaded], omega), loaded[0][2])
     if out_file is not None:
-        write_json(out_file, result)
+        write_json(out_file, result_document("eval", result))
     return result
 
 
@@ -318,6 +319,8 @@ def register(subparsers) -> None:
                    help="targets (default, BabyLM's: Context1 + Target1 vs Context1 + Target2) or contexts (Target1 "
                         "after Context1 vs after Context2)")
     p.add_argument("--out", default=None, help="write the full results as JSON here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not a previous result of this command")
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens (rows x padded length) per forward batch (default 8192 on CPU, 65536 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -329,7 +332,7 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
+    check_output_file(args.out, "eval", overwrite=args.overwrite)  # before any work: refused now, not after it
     result = evaluate_path(args.path, args.tasks, method=args.method, token_budget=args.token_budget,
                            device=args.device, limit=args.limit, data_dir=args.data_dir, ensemble=not args.no_ensemble,
                            out_file=args.out, log=lambda s: print(s, file=sys.stderr, flush=True),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..checks import check_model_tokenizer, model_files
 from ..errors import DwmlError, require
-from ..io import check_output_file, write_json
+from ..io import check_output_file, result_document, write_json
 from ..models.model import POSITION_OFFSET
 from .glue import (DEFAULT_DATA_DIR, DEFAULT_TASKS, TASKS, Example, FinetuneConfig, TaskData, TaskSpec, accuracy,
                    compute_metrics, load_task, resolve_device)
@@ -370,7 +370,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    check_output_file(args.out)  # before the work: a directory or a foreign file at --out is refused now
+    check_output_file(args.out, "finetune", overwrite=args.overwrite)  # before any work: refused now, not after
     models = resolve_models(args.model, args.peer)
     results = {}
     for model_dir in models:
@@ -380,7 +380,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.out:
         # A model folder gives its result; a run directory gives {"run": RUN, "peers": {"peer0": result, ...}}.
         is_run = not (Path(args.model) / "config.json").is_file()
-        write_json(args.out, {"run": str(args.model), "peers": results} if is_run else results[models[0].name])
+        write_json(args.out, result_document("finetune", {"run": str(args.model), "peers": results} if is_run
+                                             else results[models[0].name]))
         print(f"wrote {args.out}")
     return 0
 
@@ -414,5 +415,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"default: {d.seed}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--out", default="", help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not a previous result of this command")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run_cli)

@@ -154,6 +154,13 @@ def masked_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def check_token_budget(token_budget: int | None) -> None:
+    """None (the device's default) or a positive number of tokens per forward batch."""
+    if token_budget is not None and (isinstance(token_budget, bool) or not isinstance(token_budget, int)
+                                     or token_budget < 1):
+        raise DwmlError(f"--token-budget: expected a positive number of tokens, got {token_budget}")
+
+
 def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str = "pll",
                     prefixes: Sequence[str | None] | None = None, token_budget: int | None = None,
                     device: str | torch.device | None = None, prefix_sep: str = " ",
@@ -171,8 +178,7 @@ def score_sentences(model, tokenizer, sentences: Sequence[str], *, method: str =
     copies = cached_masked_copies(tokenizer, texts, prefix_chars, method, _max_tokens(model))
     if token_budget is None:
         token_budget = DEFAULT_TOKEN_BUDGET.get(device.type, DEFAULT_TOKEN_BUDGET["cpu"])
-    if token_budget < 1:
-        raise DwmlError(f"--token-budget: expected a positive number of tokens, got {token_budget}")
+    check_token_budget(token_budget)
     batches = _pack(copies.lengths[copies.sent].tolist(), token_budget)  # planned on the host, before device work
     # The copies (sorted by length), on the device once; every batch below is a slice of them.
     sent, pos, end, target = (x.to(device) for x in (copies.sent, copies.pos, copies.end, copies.target))

@@ -62,7 +62,7 @@ def demo_run_config(out_dir: Path, prepared: Path, steps: int, **sections) -> Ru
 
 
 def run_demo(args) -> int:
-    from ..data.prepare import default_corpus_path, prepare
+    from ..data.prepare import check_reusable, default_corpus_path, prepare
     from ..data.shards import load_meta
     from ..models.model import count_params, get_preset
     from ..models.search import SearchConfig, run_search_to_file
@@ -77,6 +77,7 @@ def run_demo(args) -> int:
     prepared = out / "data"
     print(f"[1/5] prepare {', '.join(map(str, inputs))} -> {prepared}")
     if (prepared / "meta.json").is_file():
+        check_reusable(prepared, inputs, vocab_size=args.vocab_size, max_docs=args.max_docs)
         print("      (reusing the prepared data)")
     else:
         prepare(inputs, prepared, vocab_size=args.vocab_size, max_docs=args.max_docs)
@@ -96,6 +97,9 @@ def run_demo(args) -> int:
     if found.get("family", "roberta") != family:  # a demo directory from before the demo switched to ModernBERT
         raise DwmlError(f"{peers_file}: holds {found.get('family', 'roberta')} peers from an older `dwml demo`; "
                         f"this demo trains {family} models - choose a new --out or remove {out}")
+    if len(found.get("peers", [])) != args.peers:
+        raise DwmlError(f"{peers_file}: holds {len(found.get('peers', []))} peers from an earlier `dwml demo`, "
+                        f"--peers asks for {args.peers}; choose a new --out")
     peer_params = [p["params"] for p in found["peers"]]
 
     # Same compute: the MLM baseline trains one tiny model for as many parameter-tokens as all peers together.

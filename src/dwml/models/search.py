@@ -65,7 +65,7 @@ import numpy as np
 
 from ..config import MODEL_FAMILIES, check_family, from_dict, read_toml
 from ..errors import DwmlError
-from ..io import check_output_file, write_json
+from ..io import check_output_file, result_document, write_json
 from .model import PRESETS, Arch, count_params, get_preset
 from .space import DUPLICATE_PENALTY, Space, build_space, exhaustive_best, objective, peer_targets, rel_error, shape_of
 
@@ -358,7 +358,7 @@ def run_search_to_file(cfg: SearchConfig, out: str | Path, reference: Arch | Non
                        quiet: bool = True) -> dict[str, Any]:
     """`search` + atomic JSON write (+ the table on stdout unless quiet)."""
     result = search(cfg, reference=reference)
-    write_json(out, result)
+    write_json(out, result_document("search", result))
     if not quiet:
         print(format_table(result))
         print(f"wrote {out}")
@@ -408,6 +408,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reference", help="preset name, JSON/TOML arch file or HF model dir (default: base)")
     p.add_argument("--peers", type=int, help="number of peers p (default: 4)")
     p.add_argument("--out", default="peers.json", help="output JSON (default: peers.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not a previous result of this command")
     p.add_argument("--init-points", type=int, help="random initial points per peer (default: 10)")
     p.add_argument("--n-iter", type=int, help="BO iterations per peer (default: 100)")
     p.add_argument("--seed", type=int)
@@ -427,7 +429,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_search_cli(args) -> int:
-    check_output_file(args.out)  # before the search: a directory or a foreign file at --out is refused now
+    check_output_file(args.out, "search", overwrite=args.overwrite)  # before the search, not after it
     cfg = load_search_config(args.config) if args.config else SearchConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)
                  if getattr(args, f.name, None) is not None}

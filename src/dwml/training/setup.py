@@ -5,6 +5,7 @@ exact resume, DDP wrapping and the final Hugging Face export. `dwml.training.tra
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checks import check_peer_arch, check_peers_file
+from ..checks import check_peer_arch, check_peers_file, data_fingerprint, model_fingerprint
 from ..config import RunConfig
 from ..data.masking import BatchStream, Prefetcher
 from ..data.shards import PackedSequences
 from ..data.tokenizer import copy_tokenizer
 from ..distill.hypergrad import OmegaState
-from ..distill.methods import PEER_METHODS
+from ..distill.methods import PEER_METHODS, TEACHER_METHODS
 from ..distill.selfdistill import SelfDistillHeads
 from ..errors import DwmlError
 from ..io import atomic_dir, write_json
@@ -77,15 +78,30 @@ def make_optimizer(module: torch.nn.Module, t) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
 
 
+def teacher_dir(path: str) -> Path:
+    """The model folder of `distill.teacher`: a Hugging Face folder, or a finished run (its first peer)."""
+    p = Path(path)
+    if (p / "final" / "peer0" / "config.json").is_file():
+        p = p / "final" / "peer0"
+    if not (p / "config.json").is_file():
+        raise DwmlError(f"distill.teacher: {path} is not a model directory (no config.json) or a finished run")
+    return p
+
+
+def input_fingerprints(cfg: RunConfig, prepared: Path, meta: dict, tokenizer_sha: str) -> dict[str, str]:
+    """What the weights depend on besides the config: the tokenizer, the prepared data and a KD teacher. Saved in
+    every checkpoint; a resume with other ones is refused (`dwml.checks.check_same_inputs`)."""
+    inputs = {"tokenizer_sha256": tokenizer_sha, "data_sha256": data_fingerprint(prepared, meta)}
+    if cfg.train.method in TEACHER_METHODS:
+        inputs["teacher_sha256"] = model_fingerprint(teacher_dir(cfg.distill.teacher))
+    return inputs
+
+
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
     """A frozen teacher MLM; refuses one trained with another vocabulary than this run's tokenizer."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    p = Path(path)
-    if (p / "final" / "peer0" / "config.json").is_file():  # a run directory: take its (first) model
-        p = p / "final" / "peer0"
-    if not (p / "config.json").is_file():
-        raise DwmlError(f"distill.teacher: {path} is not a model directory (no config.json) or a finished run")
+    p = teacher_dir(path)
     ours = AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
     try:
         theirs = AutoTokenizer.from_pretrained(p).get_vocab()
@@ -233,3 +249,18 @@ def wrap_students(students: list[Student], rt: Runtime, compile_: bool) -> list[
     if compile_:
         models = [torch.compile(m) for m in models]
     return models
+
+
+def student_logits(model, input_ids, attention_mask, positions):
+    """A `Student`'s final logits at the masked positions (the hypergradient's forward; aux heads' are not used)."""
+    return model(input_ids, attention_mask, positions)[0]
+
+
+def dump_rank_state(students: list[Student], omega: torch.Tensor, rank: int) -> None:
+    """Debugging/test hook: with $DWML_RANK_DUMP set, every rank saves its final weights and omega there, so a test
+    can check that DDP ranks agree."""
+    dump = os.environ.get("DWML_RANK_DUMP")
+    if dump:
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        torch.save({"students": [s.state_dict() for s in students], "omega": omega.clone()},
+                   Path(dump) / f"rank{rank}.pt")

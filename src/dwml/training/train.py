@@ -1,16 +1,16 @@
 """The training loop: one or several students on the same batches and masks, any method, exact resume.
 
-`_train` is the loop, short enough to read at a glance; each phase is one method of `Trainer`: set-up (`__init__`:
-data, students, optimizers, omega), resume (`restore`), the step (`train_step`: micro-batches with gradient
-accumulation -> clip -> one optimizer step per student), DWML's outer omega step every K steps (`outer_step`),
-log / validation / checkpoint (`log_train`, `log_validation`, `save`) and export (`finish`). Everything a resumed run needs (weights, optimizer and scheduler states, omega, data
-stream positions, RNG states) is in the checkpoint, so a killed run continues exactly where it stopped.
+`_loop` is the loop, short enough to read at a glance; each phase is one method of `Trainer`: set-up (`__init__`,
+from `dwml.training.setup`), resume (`restore`), the step (`train_step`: micro-batches with gradient accumulation ->
+clip -> one optimizer step per student), DWML's outer omega step every K steps (`outer_step`), log / validation /
+checkpoint (`log_train`, `log_validation`, `save`) and export (`finish`). Everything a resumed run needs (weights,
+optimizer and scheduler states, omega, data stream positions, RNG states) is in the checkpoint, so a killed run
+continues exactly where it stopped.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
-from ..checks import NonFiniteGuard, check_checkpoint_matches, check_prepared_tokenizer, check_same_tokenizer
+from ..checks import (NonFiniteGuard, check_checkpoint_matches, check_prepared_tokenizer, check_same_inputs,
+                      check_same_tokenizer)
 from ..config import RunConfig
 from ..data.entropy import train_unigram_entropy
 from ..data.masking import MaskedBatch, Prefetcher
@@ -36,8 +37,9 @@ from .metrics import MetricsLog
 from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
-from .setup import (build_students, export_final, gather_rng, initial_omega, load_teacher, make_batches, make_optimizer,
-                    prefetch, resolve_archs, set_rng_state, wrap_students)
+from .setup import (build_students, dump_rank_state, export_final, gather_rng, initial_omega, input_fingerprints,
+                    load_teacher, make_batches, make_optimizer, prefetch, resolve_archs, set_rng_state, student_logits,
+                    wrap_students)
 
 # --------------------------------------------------------------------------------------------------------------
 # The run, phase by phase
@@ -139,6 +141,7 @@ class Trainer:
 
         self.students = build_students(cfg, self.archs, rt.device)
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
+        self.inputs = input_fingerprints(cfg, prepared, meta, self.tokenizer_sha)  # compared on resume
         self.optimizers = [make_optimizer(s, t) for s in self.students]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t)) for o in self.optimizers]
         self.omega = initial_omega(cfg, n)
@@ -184,6 +187,7 @@ class Trainer:
             return False
         state = load_checkpoint(ckpts[-1])
         rundir.check_resume(ckpts[-1], state, self.cfg, self.run_id)  # same run, same config
+        check_same_inputs(ckpts[-1], state, self.inputs)  # same tokenizer, data and teacher
         check_checkpoint_matches(state, self.students, ckpts[-1])  # and a dwml state of these students' shapes
         for modules, key in ((self.students, "students"), (self.optimizers, "optimizers"),
                              (self.schedulers, "schedulers")):
@@ -314,7 +318,7 @@ class Trainer:
         g, info = hypergradient(
             self.students, inner, held, self.omega.omega.to(rt.device),
             alpha=d.alpha, temperature=d.temperature, gamma=gamma, detach_targets=d.detach_targets,
-            l2_kind=d.l2, mode=d.hypergrad, forward=_student_forward, unroll=d.unroll, optimizers=self.optimizers,
+            l2_kind=d.l2, mode=d.hypergrad, forward=student_logits, unroll=d.unroll, optimizers=self.optimizers,
             grad_clip=self.cfg.train.grad_clip, teacher_logits=teacher,
             teacher_weight=d.teacher_weight,
         )
@@ -393,6 +397,7 @@ class Trainer:
             "elapsed_s": self.elapsed(),
             "initial_valid_loss": self.initial_valid,
             "run_id": self.run_id,
+            "inputs": self.inputs,
         }
         if self.rt.is_master:
             save_checkpoint(self.run_dir, self.step, state)
@@ -402,11 +407,7 @@ class Trainer:
     def finish(self) -> dict:
         """Final validation, summary and Hugging Face export (rank 0); returns the summary ({} on other ranks)."""
         rt = self.rt
-        dump = os.environ.get("DWML_RANK_DUMP")
-        if dump:  # debugging/test hook: every rank's final weights and omega, to check that DDP ranks agree
-            Path(dump).mkdir(parents=True, exist_ok=True)
-            torch.save({"students": [s.state_dict() for s in self.students], "omega": self.omega.omega.clone()},
-                       Path(dump) / f"rank{rt.rank}.pt")
+        dump_rank_state(self.students, self.omega.omega, rt.rank)  # $DWML_RANK_DUMP: a DDP test hook
         summary: dict = {}
         self.guard.check(self.students, self.omega.omega)  # NaN weights are never exported
         if rt.is_master:
@@ -440,9 +441,5 @@ class Trainer:
             export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
         rt.barrier()
         return summary
-
-
-def _student_forward(model, input_ids, attention_mask, positions):
-    return model(input_ids, attention_mask, positions)[0]
 
 
