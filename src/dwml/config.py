@@ -23,6 +23,7 @@ from .errors import DwmlError
 
 METHODS = ("mlm", "kd", "sd", "dml", "dwml", "kd_dwml")
 SCHEDULES = ("cosine", "linear", "trapezoid", "constant")  # learning-rate shapes after warm-up (dwml.training.schedule)
+BABYLM_TRACKS = ("none", "strict-small", "strict")  # train.babylm_track; budgets in dwml.training.exposure
 MODEL_FAMILIES = ("roberta", "modernbert")  # model.family; see dwml.models.model
 
 
@@ -94,6 +95,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    # BabyLM exposure rules (dwml.training.exposure): "strict-small" (100M words, 10 epochs), "strict" (1B words,
+    # 10 epochs) or "none"; a track also writes the milestone checkpoints RUN/chck/chck_1M ... at those words seen
+    babylm_track: str = "none"
     progress: bool = True
     max_nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient norm to skip before stopping (0 = stop)
     tensorboard: bool = False  # also log metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/
@@ -122,6 +126,7 @@ class DistillConfig:
     #                        (adamw's theta', mixed term dropped: ablation)
     teacher: str = ""  # HF model dir or run dir of a teacher (kd, kd_dwml)
     teacher_weight: float = 0.5  # kd_dwml: weight of the teacher term
+    teacher_words: int = -1  # whitespace words the teacher was trained on; -1 = from its dwml run summary
     sd_layers: list = field(default_factory=list)  # sd: layers with auxiliary heads; empty = all but the last
 
 
@@ -174,6 +179,11 @@ class RunConfig:
         _check(0.0 < t.cooldown_fraction <= 1.0,
                f"train.cooldown_fraction: expected (0, 1], got {t.cooldown_fraction}")
         _check(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype: expected auto|bf16|fp32, got {t.dtype!r}")
+        _check(t.babylm_track in BABYLM_TRACKS,
+               f"train.babylm_track: expected one of {'|'.join(BABYLM_TRACKS)}, got {t.babylm_track!r}")
+        _check(isinstance(d.teacher_words, int) and d.teacher_words >= -1,
+               f"distill.teacher_words: expected a number of words >= 0 (or -1: from the teacher's run), "
+               f"got {d.teacher_words!r}")
         if t.tensorboard:
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")

@@ -181,6 +181,11 @@ def sequence_noise(seed: int, epoch: int, indices: np.ndarray, width: int, vocab
     return select_u, action_u, random_at, fallback
 
 
+def epoch_order(seed: int, epoch: int, n_sequences: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the sequences, over all ranks (rank r takes every world_size-th)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_sequences)
+
+
 class BatchStream:
     """Endless deterministic stream of masked batches over `sequences` (anything with len() and [i] -> ids).
 
@@ -236,7 +241,7 @@ class BatchStream:
     # -- order ------------------------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's sequence indices for `epoch`, in visiting order."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)
+        perm = epoch_order(self.seed, epoch, self.n_sequences)
         return perm[self.rank : self.per_rank * self.world_size : self.world_size]
 
     def _indices(self, epoch: int, cursor: int) -> np.ndarray:

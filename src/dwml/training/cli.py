@@ -57,4 +57,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("unigram_entropy") is not None:
         lines.append(f"unigram entropy of the train split {summary['unigram_entropy']:.4f} nats; plateau exit = first "
                      f"validation step 0.5 nats below it")
+    e = summary.get("exposure")
+    if e:
+        teacher = f", the teacher's {e['teacher_words']:,} words" if e.get("teacher_words") else ""
+        track = f"; track {e['track']}, {len(e['milestones'])} milestone(s) in chck/" if e["track"] != "none" else ""
+        lines.append(f"words seen {e['words_seen']:,} ({e['epochs']:.2f} epochs of {e['train_words']:,}){teacher}"
+                     f"{track}")
     return "\n".join(lines)

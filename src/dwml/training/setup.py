@@ -19,12 +19,15 @@ from ..config import RunConfig
 from ..data.masking import BatchStream, Prefetcher
 from ..data.shards import PackedSequences
 from ..data.tokenizer import copy_tokenizer
+from ..data.words import sequence_words, word_start_table
 from ..distill.hypergrad import OmegaState
 from ..distill.methods import PEER_METHODS, TEACHER_METHODS
 from ..distill.selfdistill import SelfDistillHeads
 from ..errors import DwmlError
 from ..io import atomic_dir, write_json
+from ..models.memory import arch_from_folder, check_training_memory
 from ..models.model import POSITION_OFFSET, Arch, Student, build_model, get_preset
+from .exposure import TRACKS, Exposure, ExposurePlan, check_budget, teacher_words
 from .runtime import Runtime
 
 
@@ -95,6 +98,35 @@ def input_fingerprints(cfg: RunConfig, prepared: Path, meta: dict, tokenizer_sha
     if cfg.train.method in TEACHER_METHODS:
         inputs["teacher_sha256"] = model_fingerprint(teacher_dir(cfg.distill.teacher))
     return inputs
+
+
+def plan_exposure(cfg: RunConfig, meta: dict, stream: BatchStream) -> ExposurePlan:
+    """Words seen after every step of the plan (`dwml.training.exposure`); with a BabyLM track, its budget - the
+    teacher's words included - is checked here, before any step, and its milestone steps are fixed."""
+    t = cfg.train
+    table = word_start_table(Path(cfg.data.prepared) / "tokenizer" / "tokenizer.json", int(meta["vocab_size"]))
+    words = sequence_words(stream.sequences, table)  # summed: the train split's words (meta.json's count)
+    exposure = Exposure(words, stream, t.grad_accum, t.max_steps, int(words.sum()))
+    teacher = None
+    if t.method in TEACHER_METHODS:
+        try:
+            teacher = teacher_words(cfg, teacher_dir(cfg.distill.teacher))
+        except DwmlError:
+            if t.babylm_track != "none":
+                raise
+    check_budget(t.babylm_track, exposure, t.max_steps, teacher or 0)
+    track = TRACKS.get(t.babylm_track)
+    return ExposurePlan(t.babylm_track, exposure, teacher, exposure.milestones(track) if track else {})
+
+
+def check_memory(cfg: RunConfig, archs: list[tuple[str, Arch]], rt: Runtime) -> None:
+    """Before any student is built: the run's estimated peak memory (`dwml.models.memory`) fits the device, or one
+    line naming the largest model, the estimate and the limit."""
+    teacher = None
+    if cfg.train.method in TEACHER_METHODS:
+        teacher = arch_from_folder(teacher_dir(cfg.distill.teacher))
+    check_training_memory(cfg, archs, rt.device, bf16=rt.autocast_dtype is not None, teacher=teacher,
+                          world_size=rt.world_size)
 
 
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):

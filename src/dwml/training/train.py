@@ -37,9 +37,9 @@ from .metrics import MetricsLog
 from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
-from .setup import (build_students, dump_rank_state, export_final, gather_rng, initial_omega, input_fingerprints,
-                    load_teacher, make_batches, make_optimizer, prefetch, resolve_archs, set_rng_state, student_logits,
-                    wrap_students)
+from .setup import (build_students, check_memory, dump_rank_state, export_final, gather_rng, initial_omega,
+                    input_fingerprints, load_teacher, make_batches, make_optimizer, plan_exposure, prefetch,
+                    resolve_archs, set_rng_state, student_logits, wrap_students)
 
 # --------------------------------------------------------------------------------------------------------------
 # The run, phase by phase
@@ -96,6 +96,8 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         stats = run.train_step()  # micro-batches -> backward -> clip -> one optimizer step per student
         step = run.step
         record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
+        if rt.is_master:  # BabyLM's milestone checkpoints RUN/chck/chck_1M ... (train.babylm_track)
+            run.exposure.write(step, run.run_dir, run.students, run.tokenizer_dir)
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
@@ -137,8 +139,8 @@ class Trainer:
         self.tokenizer_dir = prepared / "tokenizer"
         self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
         self.archs = resolve_archs(cfg, vocab_size)
+        check_memory(cfg, self.archs, rt)  # an estimate of the peak, before anything is allocated
         n = len(self.archs)
-
         self.students = build_students(cfg, self.archs, rt.device)
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
         self.inputs = input_fingerprints(cfg, prepared, meta, self.tokenizer_sha)  # compared on resume
@@ -148,7 +150,9 @@ class Trainer:
         self.mirror = MirrorDescentConfig(eta=d.eta, schedule=d.eta_schedule, eta_min=d.eta_min, floor=d.omega_floor,
                                           total_steps=max(1, t.max_steps // d.outer_every))
         self.learn_omega = method in ("dwml", "kd_dwml") and d.learn_omega
-        self.batches = prefetch(make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega), cfg, rt)
+        batches = make_batches(cfg, prepared, vocab_size, rt, need_heldout=self.learn_omega)
+        self.exposure = plan_exposure(cfg, meta, batches.train)  # words per step; BabyLM's budget and milestones
+        self.batches = prefetch(batches, cfg, rt)
         self.non_blocking = rt.device.type == "cuda" and cfg.data.prefetch > 0
 
         self.models = wrap_students(self.students, rt, t.compile)  # DDP / torch.compile; `students` stay bare
@@ -347,7 +351,7 @@ class Trainer:
         ce = parts.get("ce")
         grad_norm = torch.stack(stats.grad_norms).tolist() if stats.grad_norms else None
         self.log.write(**record, step=self.step, elapsed_s=self.elapsed(), lr=lr, tokens_per_s=tps,
-                       data_wait_s=wait, train_ce=ce, grad_norm=grad_norm,
+                       data_wait_s=wait, train_ce=ce, grad_norm=grad_norm, **self.exposure.record(self.step),
                        **({} if "omega" in record else {"omega": self.omega.omega.tolist()}))
         bar.set_postfix(loss=f"{min(ce or [float('nan')]):.3f}", tok_s=f"{tps:,.0f}")
 
@@ -432,6 +436,7 @@ class Trainer:
                 "initial_valid_loss": self.initial_valid,
                 "train_seconds": self.elapsed(),
                 "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
+                "exposure": self.exposure.summary(self.step),
                 "valid_ensemble_loss": final.get("valid_ensemble_loss"),
                 "tokenizer": str(self.tokenizer_dir),
                 "tokenizer_sha256": self.tokenizer_sha,
