@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..checks import check_model_tokenizer, model_files
 from ..errors import DwmlError, require
 from ..io import check_output_file, result_document, write_json
+from ..models.memory import check_folder_memory
 from ..models.model import POSITION_OFFSET
 from .glue import (DEFAULT_DATA_DIR, DEFAULT_TASKS, TASKS, Example, FinetuneConfig, TaskData, TaskSpec, accuracy,
                    compute_metrics, load_task, resolve_device)
@@ -260,6 +261,7 @@ def finetune_task(
 
     t0 = time.time()
     with _seeded(cfg.seed, device):
+        check_folder_memory(model_dir, device, batch=cfg.batch_size, seq_len=cfg.max_length)  # before any load
         model = load_classifier(model_dir, spec.num_labels).to(device)
         check_model_tokenizer(model_dir, tokenizer, model)  # a larger tokenizer would index past the embeddings
         max_length = max_input_length(model, cfg.max_length)
