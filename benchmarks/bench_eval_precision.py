@@ -14,7 +14,8 @@ import time
 import torch
 
 from dwml.evaluation.evaldata import load_task
-from dwml.evaluation.evaluate import load_masked_lm, resolve_device, score_pairs, summarize
+from dwml.evaluation.evaluate import load_masked_lm, resolve_device, score_pairs
+from dwml.evaluation.outcomes import summarize
 
 
 def main() -> None:

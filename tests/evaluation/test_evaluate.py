@@ -13,7 +13,8 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from dwml.errors import DwmlError
 from dwml.evaluation.evaldata import MinimalPair, load_task
-from dwml.evaluation.evaluate import evaluate_model, evaluate_path, find_models, format_report, register, score_pairs, summarize
+from dwml.evaluation.evaluate import evaluate_model, evaluate_path, find_models, format_report, register, score_pairs
+from dwml.evaluation.outcomes import summarize
 from evalfixtures import EVAL_DATA, make_model, make_tokenizer, save_run
 
 pytestmark = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"shared eval data not found at {EVAL_DATA}")
@@ -109,7 +110,7 @@ def test_evaluate_model_folder(tmp_path, tok):
     tok.save_pretrained(folder)
     res = evaluate_path(folder, "blimp_fast,supplement_fast,ewok_fast", limit=2, device="cpu", data_dir=EVAL_DATA,
                         out_file=tmp_path / "out.json")
-    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(res))
+    assert json.loads((tmp_path / "out.json").read_text()) == {"dwml_result": "eval", **json.loads(json.dumps(res))}
     assert res["kind"] == "model" and list(res["models"]) == ["mymodel"]
     tasks = res["models"]["mymodel"]["tasks"]
     assert (tasks["blimp_fast"]["n"], len(tasks["blimp_fast"]["groups"]), len(tasks["blimp_fast"]["fields"])) == (
@@ -200,7 +201,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, tok, capsys):
 
 def test_item_record_round_trips_outcomes_in_pair_order():
     from dwml.evaluation.evaldata import MinimalPair
-    from dwml.evaluation.evaluate import item_outcomes, summarize
+    from dwml.evaluation.outcomes import item_outcomes, summarize
 
     pairs = [MinimalPair(good=f"g{i}", bad=f"b{i}", group="ab"[i % 2], field="f") for i in range(5)]
     good, bad = [1.0, 0.0, 2.0, 1.0, -1.0], [0.0, 0.0, 3.0, 0.5, -2.0]

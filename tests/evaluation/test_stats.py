@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dwml.errors import DwmlError
-from dwml.evaluation.evaluate import item_record
+from dwml.evaluation.outcomes import item_record
 from dwml.evaluation.evaldata import MinimalPair
 from dwml.evaluation.stats import compare_tasks, macro_accuracy, paired_bootstrap, significance_vs_mlm
 

@@ -52,7 +52,7 @@ class TaskSpec:
     """Where a task's files live under the eval data root (first existing candidate wins) and how to read them."""
 
     name: str
-    kind: str  # "blimp" | "supplement" | "ewok"
+    kind: str  # "blimp" | "supplement" | "ewok"; not pairs (babylm_data): "entity_tracking" | "wug" | "reading"
     dirs: tuple[str, ...]  # candidate folders of *.jsonl files, relative to the data root
     zip_member: str | None = None  # EWoK: folder inside the password zip
 
@@ -71,10 +71,16 @@ TASKS: dict[str, TaskSpec] = {
                  ("blimp_supplement_fast", "supplement_fast", "fast_eval/supplement_fast")),
         TaskSpec("ewok", "ewok", ("ewok_filtered", "full_eval/ewok_filtered"), zip_member="ewok_filtered"),
         TaskSpec("ewok_fast", "ewok", ("ewok_fast", "fast_eval/ewok_fast"), zip_member="ewok_fast"),
+        # The rest of BabyLM 2025's zero-shot suite: read and scored by babylm_data / babylm_tasks, not as pairs.
+        TaskSpec("entity_tracking", "entity_tracking", ("entity_tracking", "full_eval/entity_tracking")),
+        TaskSpec("wug_adj", "wug", ("wug_adj_nominalization", "full_eval/wug_adj_nominalization")),
+        TaskSpec("wug_past", "wug", ("wug_past_tense", "full_eval/wug_past_tense")),
+        TaskSpec("reading", "reading", ("reading", "full_eval/reading")),
     )
 }
 TASK_ALIASES = {"blimp": "blimp_filtered", "supplement": "blimp_supplement", "ewok_filtered": "ewok",
-                "blimp_supplement_fast": "supplement_fast"}
+                "blimp_supplement_fast": "supplement_fast", "wug_adj_nominalization": "wug_adj",
+                "wug_past_tense": "wug_past"}
 
 
 def default_data_dir() -> Path:
@@ -111,6 +117,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     spec = TASKS.get(TASK_ALIASES.get(name, name))
     if spec is None:
         raise DwmlError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    if spec.kind not in ("blimp", "supplement", "ewok"):
+        raise DwmlError(f"task {spec.name} is not made of minimal pairs; read it with babylm_data.load_babylm_task")
     if limit is not None and limit < 1:
         raise DwmlError(f"--limit: expected a positive number of pairs per file, got {limit}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -10,6 +10,10 @@ Reported numbers follow BabyLM: accuracy of every group (BLiMP paradigm `UID`, s
 task's headline number is the macro average over groups. BLiMP fields are pooled over their pairs (micro), as in the
 pipeline. All accuracies are percentages. EWoK pairs are built as `ewok_pairing` says (`dwml.evaluation.evaldata`); scores are
 computed in `precision` (`dwml.evaluation.scoring`): fp32 for reported numbers, bf16 for speed.
+
+BabyLM 2025's other zero-shot tasks (entity tracking, WUG, reading) are read by `dwml.evaluation.babylm_data` and
+scored by `dwml.evaluation.babylm_tasks`; `summary` holds one number per score column (reading has two), WUG's rho and
+reading's R^2 gains are not accuracies and stay out of the means (`metrics` names each column's kind).
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,8 +29,13 @@ import torch
 from ..checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
 from ..errors import DwmlError
 from ..io import check_output_file, result_document, write_json
+from ..models.memory import check_folder_memory
 from ..training.runtime import resolve_device as runtime_resolve_device
+from .babylm_data import is_babylm_task, load_babylm_task, metric_of, score_columns, task_scores
+from .babylm_tasks import describe, detail_rows, evaluate_babylm_task
 from .evaldata import EWOK_PAIRINGS, TASKS, MinimalPair, check_ewok_pairing, default_data_dir, load_task, parse_tasks
+from .outcomes import summarize
+from .reference import reference_note, reference_results, reference_rows, run_prepared_dir
 from .scoring import METHODS, PRECISIONS, PeerEnsemble, check_precision, check_token_budget, score_sentences
 
 DEFAULT_TASKS = "blimp_filtered,blimp_supplement,ewok"
@@ -49,63 +57,6 @@ def score_pairs(model, tokenizer, pairs: Sequence[MinimalPair], *, method: str =
     return scores[: len(pairs)], scores[len(pairs):]
 
 
-def _counts(outcomes: list[tuple[bool, bool]]) -> dict:
-    """Counts of (correct, tie) outcomes, `correct` in the BabyLM form (ties included)."""
-    n = len(outcomes)
-    correct = sum(c for c, _ in outcomes)
-    ties = sum(t for _, t in outcomes)
-    pct = lambda k: 100.0 * k / n if n else float("nan")  # noqa: E731
-    return {"n": n, "correct": correct, "ties": ties, "accuracy": pct(correct),
-            "strict_correct": correct - ties, "strict_accuracy": pct(correct - ties)}
-
-
-def summarize(pairs: Sequence[MinimalPair], good: Sequence[float], bad: Sequence[float]) -> dict:
-    """Per-group, per-field and overall counts; `macro_accuracy` (mean over groups, ties correct as in BabyLM) is the
-    task's headline number, `strict_macro_accuracy` the same with ties wrong."""
-    by_group: dict[str, list] = defaultdict(list)
-    by_field: dict[str, list] = defaultdict(list)
-    outcomes = []
-    for pair, g, b in zip(pairs, good, bad):
-        outcome = (g >= b, g == b)  # BabyLM: argmax over (good, bad), the first maximum wins a tie
-        outcomes.append(outcome)
-        by_group[pair.group].append(outcome)
-        by_field[pair.field].append(outcome)
-    groups = {name: _counts(v) for name, v in sorted(by_group.items())}
-    result = _counts(outcomes)
-    result["items"] = item_record(pairs, outcomes, list(groups))
-    result["macro_accuracy"] = sum(g["accuracy"] for g in groups.values()) / len(groups)
-    result["strict_macro_accuracy"] = sum(g["strict_accuracy"] for g in groups.values()) / len(groups)
-    result["groups"] = groups
-    if len(by_field) > 1:
-        result["fields"] = {name: _counts(v) for name, v in sorted(by_field.items())}
-    return result
-
-
-def item_record(pairs: Sequence[MinimalPair], outcomes: list[tuple[bool, bool]], group_names: list[str]) -> dict:
-    """Per-pair outcomes in the order of `pairs`, compactly (a 60k-pair task stays ~200 kB of JSON), for paired
-    statistics between models scored on the same items (`item_outcomes` reads it back). `correct` is the BabyLM
-    form (a tie counts correct), as the headline accuracy; `correct` and not `tie` is the strict outcome."""
-    index = {g: i for i, g in enumerate(group_names)}
-    return {"correct": "".join("1" if c else "0" for c, _ in outcomes),
-            "tie": "".join("1" if t else "0" for _, t in outcomes),
-            "ties_correct": True, "group_names": group_names, "group": [index[p.group] for p in pairs]}
-
-
-def item_outcomes(task_result: dict) -> tuple:
-    """(correct bool[n], tie bool[n], group index int[n], group names) of one task's result from `summarize`;
-    `correct` in the BabyLM form (ties correct), also for records written before that was the rule."""
-    import numpy as np
-
-    items = task_result.get("items")
-    if not items:
-        raise DwmlError("evaluation result has no per-item outcomes (written by an older dwml); re-run dwml eval")
-    correct = np.frombuffer(items["correct"].encode("ascii"), dtype=np.uint8) == ord("1")
-    tie = np.frombuffer(items["tie"].encode("ascii"), dtype=np.uint8) == ord("1")
-    if not items.get("ties_correct"):  # an older record: `correct` was strict
-        correct = correct | tie
-    return correct, tie, np.asarray(items["group"], dtype=np.int64), list(items["group_names"])
-
-
 def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll", token_budget: int | None = None,
                    device=None, limit: int | None = None, data_dir=None,
                    task_pairs: dict[str, list[MinimalPair]] | None = None,
@@ -114,6 +65,13 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], *, method: str = "pll
     """{task: summarize(...)} for one model (or PeerEnsemble)."""
     out = {}
     for task in tasks:
+        if is_babylm_task(task):  # entity tracking, WUG, reading: dwml.evaluation.babylm_tasks
+            items = task_pairs[task] if task_pairs is not None else load_babylm_task(task, data_dir, limit)
+            out[task] = evaluate_babylm_task(model, tokenizer, task, items, method=method, token_budget=token_budget,
+                                             device=device, precision=precision)
+            if log:
+                log(f"  {task}: {describe(task, out[task])}, {out[task]['seconds']:.1f}s")
+            continue
         pairs = task_pairs[task] if task_pairs is not None else load_task(task, data_dir, limit, ewok_pairing)
         start = time.perf_counter()
         good, bad = score_pairs(model, tokenizer, pairs, method=method, token_budget=token_budget, device=device,
@@ -143,6 +101,7 @@ def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):
     if not (path / "config.json").is_file():
         raise DwmlError(f"{path}: not a model folder (no config.json)")
     check_model_tokenizer(path)  # without tokenizer files transformers builds an empty one (everything ties)
+    check_folder_memory(path, device)  # its config.json's shape must fit before the weights are allocated
     with model_files(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path)
@@ -193,7 +152,8 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
                   token_budget: int | None = None, device: str | torch.device | None = "auto",
                   limit: int | None = None, data_dir: str | Path | None = None, ensemble: bool = True,
                   out_file: str | Path | None = None, log: Callable[[str], None] | None = None,
-                  precision: str = "fp32", ewok_pairing: str = EWOK_PAIRINGS[0]) -> dict:
+                  precision: str = "fp32", ewok_pairing: str = EWOK_PAIRINGS[0],
+                  reference_data: str | Path | None = None, reference: bool = True) -> dict:
     """Evaluate a model folder, or every peer and the omega-weighted ensemble of a DWML run.
 
     `out_file` also writes the result there as JSON (atomically). The texts are tokenised and their masked copies
@@ -202,7 +162,9 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     Returns {"path", "kind": "model"|"run", "method", "precision", "ewok_pairing", "ties_count_as", "tasks", "limit",
              "device", "omega", "models": {name: {"tasks": {task: summarize(...)}, "summary": {task: macro %},
                                         "strict_summary": {task: macro % with ties wrong}, "ties": {task: n},
-                                        "seconds"}}}.
+                                        "seconds"}},
+             "reference": lines of token counts (`dwml.evaluation.reference.reference_results`) of `reference_data`,
+                          else of the prepared data a run was trained on; absent when neither is known or not `reference`}.
     """
     if method not in METHODS:
         raise DwmlError(f"--method: expected one of {list(METHODS)}, got {method!r}")
@@ -213,12 +175,18 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     dev = resolve_device(device)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     # read once, shared by all models
-    task_pairs = {t: load_task(t, data_dir, limit, ewok_pairing) for t in task_names}
+    task_pairs = {t: load_babylm_task(t, data_dir, limit) if is_babylm_task(t) else
+                  load_task(t, data_dir, limit, ewok_pairing) for t in task_names}
     entries, omega = find_models(path)
     result = {"path": str(path), "kind": "run" if omega is not None else "model", "method": method,
               "precision": precision, "ewok_pairing": ewok_pairing, "ties_count_as": TIES_RULE,
               "tasks": task_names, "limit": limit, "data_dir": str(data_dir), "device": str(dev),
-              "token_budget": token_budget, "omega": omega, "models": {}}
+              "token_budget": token_budget, "omega": omega,
+              "metrics": {c: metric_of(c) for c in score_columns(task_names)}, "models": {}}
+    ref_dir = (Path(reference_data) if reference_data is not None else run_prepared_dir(path)) if reference else None
+    if ref_dir is not None:  # before any model loads; cached in the prepared directory after the first time
+        result["reference"] = reference_results(ref_dir, task_names, data_dir=data_dir, limit=limit,
+                                                ewok_pairing=ewok_pairing, task_pairs=task_pairs, log=log)
 
     def run(name, model, tokenizer):
         if log:
@@ -226,9 +194,11 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
         start = time.perf_counter()
         res = evaluate_model(model, tokenizer, task_names, method=method, token_budget=token_budget, device=dev,
                              task_pairs=task_pairs, log=log, precision=precision)
-        result["models"][name] = {"tasks": res, "summary": {t: r["macro_accuracy"] for t, r in res.items()},
-                                  "strict_summary": {t: r["strict_macro_accuracy"] for t, r in res.items()},
-                                  "ties": {t: r["ties"] for t, r in res.items()},
+        acc = {t: r for t, r in res.items() if metric_of(t) == "accuracy"}  # summary: every column's number
+        result["models"][name] = {"tasks": res, "summary": {c: v for t, r in res.items()
+                                                            for c, v in task_scores(t, r).items()},
+                                  "strict_summary": {t: r["strict_macro_accuracy"] for t, r in acc.items()},
+                                  "ties": {t: r["ties"] for t, r in acc.items()},
                                   "seconds": round(time.perf_counter() - start, 3)}
 
     loaded = [(name, *load_masked_lm(folder, dev)) for name, folder in entries]
@@ -265,17 +235,31 @@ def format_report(result: dict, groups: bool = True) -> str:
            f"ewok_pairing={result.get('ewok_pairing', 'contexts')}  limit={result['limit']}",
            "(accuracy %, task score = macro average over groups; a tie counts correct as in BabyLM, "
            "strict = ties wrong)"]
+    acc_tasks, columns = [t for t in tasks if metric_of(t) == "accuracy"], score_columns(tasks)
+    if len(acc_tasks) < len(tasks):
+        out.append("(wug_*: Spearman rho x 100; reading_*: gain in R^2, % of the possible gain; not accuracies, so "
+                   "not in the means)")
     rows = []
     for m in models:
         res = result["models"][m]["tasks"]
-        macro = [res[t]["macro_accuracy"] for t in tasks]
-        strict = [_strict_macro(res[t]) for t in tasks]
-        rows.append([m] + [f"{a:.2f}" for a in macro] + [f"{sum(macro) / len(macro):.2f}"]
-                    + [f"{sum(strict) / len(strict):.2f}", str(sum(res[t]["ties"] for t in tasks))])
-    out += ["", _table(["model"] + tasks + ["mean", "strict mean", "ties"], rows)]
+        scores = {c: v for t in tasks for c, v in task_scores(t, res[t]).items()}
+        macro = [res[t]["macro_accuracy"] for t in acc_tasks]
+        strict = [_strict_macro(res[t]) for t in acc_tasks]
+        rows.append([m] + ["n/a" if scores.get(c) is None else f"{scores[c]:.2f}" for c in columns]
+                    + ([f"{sum(macro) / len(macro):.2f}", f"{sum(strict) / len(strict):.2f}",
+                        str(sum(res[t]["ties"] for t in acc_tasks))] if acc_tasks else []))
+    ref = result.get("reference")  # lines of token counts: what a model must beat to have learned more than counting
+    rows += reference_rows(ref, columns, acc_tasks) if ref else []
+    out += ["", _table(["model"] + columns + (["mean", "strict mean", "ties"] if acc_tasks else []), rows)]
+    out += [reference_note(ref)] if ref else []
     if groups:
         for t in tasks:
             first = result["models"][models[0]]["tasks"][t]
+            if "groups" not in first:  # WUG, reading: their own numbers
+                per = [detail_rows(result["models"][m]["tasks"][t]) for m in models]
+                rows = [[label] + [p[i][1] for p in per] for i, (label, _) in enumerate(per[0])]
+                out += ["", f"== {t}", _table(["measure"] + models, rows)]
+                continue
             sections = [("groups", sorted(first["groups"]))]
             if "fields" in first:
                 sections.append(("fields", sorted(first["fields"])))
@@ -328,6 +312,10 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", default=None, help="eval data root (default: ../shared/data/eval or $DWML_EVAL_DATA)")
     p.add_argument("--no-ensemble", action="store_true", help="for a run: evaluate the peers only")
     p.add_argument("--no-groups", action="store_true", help="print only the summary table")
+    p.add_argument("--reference-data", default=None,
+                   help="prepared data (`dwml prepare` output) whose train token counts give the reference lines "
+                        "(unigram, KN trigram; default: the data a DWML run was trained on, when still there)")
+    p.add_argument("--no-reference", action="store_true", help="no reference lines of token counts")
     p.set_defaults(func=run_eval)
 
 
@@ -336,7 +324,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_path(args.path, args.tasks, method=args.method, token_budget=args.token_budget,
                            device=args.device, limit=args.limit, data_dir=args.data_dir, ensemble=not args.no_ensemble,
                            out_file=args.out, log=lambda s: print(s, file=sys.stderr, flush=True),
-                           precision=args.precision, ewok_pairing=args.ewok_pairing)
+                           precision=args.precision, ewok_pairing=args.ewok_pairing,
+                           reference_data=args.reference_data, reference=not args.no_reference)
     print(format_report(result, groups=not args.no_groups))
     if args.out:
         print(f"\nwrote {args.out}")

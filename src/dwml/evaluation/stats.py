@@ -63,12 +63,12 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, group: np.nda
 def compare_tasks(task_results_a: dict, task_results_b: dict, **kwargs) -> dict:
     """{task: paired_bootstrap(...)} for every task both evaluation results hold (per-item outcomes from
     `dwml.evaluation.evaluate`); a task scored on different items in the two results is an error."""
-    from .evaluate import item_outcomes
+    from .outcomes import item_outcomes
 
     out = {}
     for task in task_results_a:
-        if task not in task_results_b:
-            continue
+        if task not in task_results_b or task_results_a[task].get("metric", "accuracy") != "accuracy":
+            continue  # WUG's rho and reading's R^2 gain have no per-item outcomes to resample
         ca, _, ga, _ = item_outcomes(task_results_a[task])
         cb, _, gb, _ = item_outcomes(task_results_b[task])
         if ca.shape != cb.shape or not np.array_equal(ga, gb):

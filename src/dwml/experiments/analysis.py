@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+from ..evaluation.babylm_data import metric_of as score_metric
+
 
 def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) -> list[dict]:
     """One row per peer (`peer0`, ...) and, for a multi-peer run, one for the ensemble.
 
-    Row: {"name", "arch", "params", "omega", "valid_loss", "plateau_exit_step", "zero_shot": {task: %},
-          "zero_shot_mean", "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
+    Row: {"name", "arch", "params", "omega", "valid_loss", "plateau_exit_step", "zero_shot": {column: score},
+          "zero_shot_mean" (of the accuracy columns only: WUG's rho and reading's R^2 gains are not averaged in),
+          "zero_shot_strict": {task: % with ties wrong}, "zero_shot_strict_mean",
           "zero_shot_ties", "glue": {task: score}, "glue_avg"}; missing numbers are None.
     """
     from ..models.model import Arch
@@ -39,7 +42,8 @@ def _row(name: str, arch: str, params: int, omega: float | None, valid_loss: flo
     ft = tuned.get(name)
     glue = {t: r["score"] for t, r in ft["tasks"].items()} if ft else {}
     return {"name": name, "arch": arch, "params": params, "omega": omega, "valid_loss": valid_loss,
-            "zero_shot": zero_shot, "zero_shot_mean": _mean(zero_shot.values()),
+            "zero_shot": zero_shot,
+            "zero_shot_mean": _mean(v for c, v in zero_shot.items() if score_metric(c) == "accuracy"),
             "zero_shot_strict": strict, "zero_shot_strict_mean": _mean(strict.values()),
             "zero_shot_ties": sum(model["ties"].values()) if "ties" in model else None,
             "glue": glue, "glue_avg": ft["average"] if ft else None}
@@ -80,7 +84,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 def metric_of(results: dict) -> tuple[str, str]:
     """(row key, label) of the headline metric: mean zero-shot accuracy, or validation loss without evaluation."""
     has_eval = any(r.get("zero_shot_mean") is not None for run in done_runs(results) for r in run["models"])
-    return ("zero_shot_mean", "zero-shot accuracy (%, mean of tasks)") if has_eval else \
+    return ("zero_shot_mean", "zero-shot accuracy (%, mean of accuracy tasks)") if has_eval else \
         ("valid_loss", "validation loss")
 
 

@@ -147,6 +147,7 @@ def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, 
         "models": rows,
         "best": best_model(rows),
         "timing": timing,
+        "exposure": summary.get("exposure"),
     })
     rec["mixed_ratio_median"] = median_or_none(rec["omega_trajectory"].get("mixed_ratio", []))
     outer_steps = rc.train.max_steps // rc.distill.outer_every if rec["omega_learned"] else 0
@@ -194,6 +195,7 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
         "data": stats,
         "search": read_json_or_none(exp_dir / "peers.json") if peer_archs is not None else None,
         "eval": eval_settings(cfg) if cfg.eval.enabled else None,
+        "reference": reference_lines(cfg, prepared),
         "finetune": ({"tasks": list(cfg.finetune.tasks), "epochs": cfg.finetune.epochs,
                       "max_train_examples": cfg.finetune.max_train_examples,
                       "max_eval_examples": cfg.finetune.max_eval_examples, "models": cfg.finetune.models}
@@ -207,6 +209,17 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
 
     results["significance"] = significance_vs_mlm(runs, evaluations)
     return results
+
+
+def reference_lines(cfg: ExperimentConfig, prepared: Path) -> dict | None:
+    """The unigram and KN-trigram lines of the train split's token counts on the evaluated minimal-pair tasks
+    (`dwml.evaluation.reference`; cached under PREPARED/reference/, so computed once per data and eval set)."""
+    if not cfg.eval.enabled:
+        return None
+    from ..evaluation.reference import reference_results
+
+    e = cfg.eval
+    return reference_results(prepared, e.tasks, limit=e.limit or None, ewok_pairing=e.ewok_pairing)
 
 
 def host_info() -> dict:

@@ -174,4 +174,11 @@ def results_table(mlm: dict, dwml: dict, scores: dict) -> str:
             exit_ = "never" if step is None else str(step)
         lines.append(f"{run + ' ' + model:<16}{params:>10,}{omega:>7}  {loss:<15}{exit_:>13}"
                      + "".join(f"{acc[t]:>17.1f}" if t in acc else f"{'-':>17}" for t in tasks))
+    ref = next((s["reference"] for s in scores.values() if s.get("reference")), None)
+    for r in (ref or {}).get("models", {}).values():  # dwml.evaluation.reference: token counts, no learning
+        lines.append(f"{r['label']:<63}" + "".join(f"{r['summary'][t]:>17.1f}" if t in r["summary"]
+                                                   else f"{'-':>17}" for t in tasks))
+    if ref:
+        lines.append("(unigram (train counts), KN trigram: the train split's token counts, no learning; a model "
+                     "below them has learned no more than counting)")
     return "\n".join(lines)

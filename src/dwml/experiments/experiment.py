@@ -125,8 +125,12 @@ def estimate(cfg: ExperimentConfig, mfu: float = 0.4) -> dict:
     plans = plan_runs(cfg, exp_dir, prepared, peer_archs)
     by_name = {p.name: p for p in plans}
     rows = []
+    from ..models.memory import format_bytes, memory_limit, training_estimate
     from ..models.model import count_params
     from ..training.setup import resolve_archs
+
+    device = "cuda" if any(p.config.train.device != "cpu" for p in plans) and _cuda() else "cpu"  # where they train
+    limit, source = memory_limit(device)
 
     for plan in plans:
         budget = run_budget(plan.config, plan.config.data.seq_len)
@@ -134,13 +138,24 @@ def estimate(cfg: ExperimentConfig, mfu: float = 0.4) -> dict:
             rows.append({"name": plan.name, "method": plan.method, "alias_of": plan.alias_of, **budget})
             continue
         archs = resolve_archs(plan.config, vocab)
-        fl = analytic_flops(plan, vocab, budget["tokens_per_student"], teacher_arch_of(plan.config, vocab, by_name))
+        teacher = teacher_arch_of(plan.config, vocab, by_name)
+        fl = analytic_flops(plan, vocab, budget["tokens_per_student"], teacher)
+        bf16 = plan.config.train.dtype == "bf16" or (plan.config.train.dtype == "auto" and device == "cuda")
+        memory = training_estimate(plan.config, archs, device_type=device, bf16=bf16, teacher=teacher).total
         rows.append({"name": plan.name, "method": plan.method, "alias_of": None, **budget,
                      "params": [count_params(a) for _, a in archs], "archs": [a.name for _, a in archs],
-                     "flops": fl["total"], "gpu_hours": gpu_hours(fl["total"], mfu)})
+                     "flops": fl["total"], "gpu_hours": gpu_hours(fl["total"], mfu), "memory_bytes": memory,
+                     "memory": format_bytes(memory) + (" !" if limit is not None and memory > limit else "")})
     total = sum(r.get("flops", 0.0) for r in rows)
     return {"vocab_size": vocab, "mfu": mfu, "peak_flops": H100_BF16_PEAK, "runs": rows, "total_flops": total,
-            "total_gpu_hours": gpu_hours(total, mfu)}
+            "total_gpu_hours": gpu_hours(total, mfu), "memory_limit_bytes": limit,
+            "memory_limit": f"{device}: " + ("no limit known" if limit is None else f"{format_bytes(limit)} {source}")}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def format_estimate(est: dict) -> str:
@@ -148,7 +163,10 @@ def format_estimate(est: dict) -> str:
              f"{est['peak_flops'] / 1e12:.1f} TFLOP/s (H100 SXM dense bf16); FLOPs are the analytic training "
              "FLOPs of every student (+ teacher forwards; LM heads at mask_prob of all positions, an upper "
              "bound), DWML outer steps not included"]
-    head = f"{'run':<24}{'method':<9}{'steps':>8}{'tokens/student':>16}  {'students (params)':<40}{'FLOPs':>10}{'GPU h':>8}"
+    lines.append(f"memory: the estimated peak of each run (dwml.models.memory; ! = over the limit); limit on this "
+                 f"machine {est['memory_limit']}")
+    head = (f"{'run':<24}{'method':<9}{'steps':>8}{'tokens/student':>16}  {'students (params)':<40}{'FLOPs':>10}"
+            f"{'GPU h':>8}{'memory':>12}")
     lines += [head, "-" * len(head)]
     for r in est["runs"]:
         if r["alias_of"]:
@@ -156,7 +174,7 @@ def format_estimate(est: dict) -> str:
             continue
         params = ", ".join(f"{p / 1e6:.1f}M" for p in r["params"])
         lines.append(f"{r['name']:<24}{r['method']:<9}{r['steps']:>8}{r['tokens_per_student']:>16,.0f}  "
-                     f"{params:<40}{r['flops']:>10.2e}{r['gpu_hours']:>8.2f}")
+                     f"{params:<40}{r['flops']:>10.2e}{r['gpu_hours']:>8.2f}{r['memory']:>12}")
     lines.append(f"total {est['total_flops']:.3e} FLOPs = {est['total_gpu_hours']:.2f} GPU hours")
     return "\n".join(lines)
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation.babylm_data import metric_of as score_metric
+from ..evaluation.babylm_data import score_columns
 from ..io import write_text
 from .analysis import done_runs, metric_of, omega_correlation, sweep_points
 from .formatting import fmt, fmt_flops, fmt_params, fmt_value, md_table
@@ -35,7 +37,9 @@ from .plots import plot_ablations, plot_omega
 TASK_LABELS = {
     "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",
     "blimp_supplement": "Supplement", "supplement_fast": "Suppl. (fast)",
-    "ewok": "EWoK", "ewok_fast": "EWoK (fast)",
+    "ewok": "EWoK", "ewok_fast": "EWoK (fast)", "entity_tracking": "Entity tracking",
+    "wug_adj": "WUG adj (ρ×100)", "wug_past": "WUG past (ρ×100)",
+    "reading_eye_tracking": "Reading ET (ΔR² %)", "reading_self_paced": "Reading SPR (ΔR² %)",
 }
 STAR = " ★"
 
@@ -45,8 +49,9 @@ STAR = " ★"
 
 
 def _tasks(results: dict) -> list[str]:
+    """The zero-shot score columns: one per task, two for reading (dwml.evaluation.babylm_data.score_columns)."""
     if results.get("eval"):
-        return list(results["eval"]["tasks"])
+        return score_columns(results["eval"]["tasks"])
     return []
 
 
@@ -92,7 +97,41 @@ def main_table(results: dict) -> str:
             name = r["name"] + (STAR if r["name"] == run["best"] and len(run["models"]) > 1 else "")
             rows.append([run["name"], run["method"], name, fmt_params(r["params"]), fmt(r["omega"], ".3f")]
                         + _score_cells(r, tasks, glue) + [fmt(r["valid_loss"], ".3f"), _exit_cell(r)])
-    return md_table(header, rows)
+    return md_table(header, rows + reference_rows(results, tasks, glue))
+
+
+def reference_rows(results: dict, tasks: list[str], glue_tasks: list[str]) -> list[list[str]]:
+    """Table 1's rows "unigram (train counts)" and "KN trigram" (results["reference"]): no learning, the train
+    split's token counts scored on the same pairs; means only when every accuracy task has a line."""
+    rows = []
+    for r in ((results.get("reference") or {}).get("models") or {}).values():
+        acc = [t for t in tasks if score_metric(t) == "accuracy"]
+        full = bool(acc) and all(t in r["summary"] for t in acc)
+        mean = lambda d: sum(d[t] for t in acc) / len(acc) if full else None  # noqa: E731
+        cells = [fmt(r["summary"].get(t)) for t in tasks]
+        if tasks:
+            cells += [fmt(mean(r["summary"])), fmt(mean(r["strict_summary"])),
+                      fmt(sum(r["ties"][t] for t in acc) if full else None, "d")]
+        rows.append(["reference", "no learning", r["label"], "–", "–"] + cells + (["–"] if glue_tasks else [])
+                    + ["–", "–"])
+    return rows
+
+
+def reference_text(results: dict) -> str:
+    """What the reference rows are, with the KN trigram's 95% interval per task."""
+    ref = results.get("reference")
+    if not ref or not ref.get("models", {}).get("kn_trigram", {}).get("tasks"):
+        return ""
+    tri = ref["models"]["kn_trigram"]["tasks"]
+    spans = ", ".join(f"{TASK_LABELS.get(t, t)} [{r['interval']['low']:.1f}, {r['interval']['high']:.1f}]"
+                      for t, r in tri.items())
+    return (f"Rows *unigram (train counts)* and *KN trigram*: no learning - the token counts of the train split of "
+            f"`{ref['prepared']}`, scored on the same pairs, tokenised as the models see them, a tie counting "
+            f"correct (Strict mean: wrong): an add-one unigram and an interpolated Kneser-Ney trigram (fixed "
+            f"discount {ref.get('discount', 0.75)}, <s>/</s>; dwml/evaluation/reference.py). Pairs that hold the "
+            "same tokens in another order tie under the unigram, so counting alone scores above 50%; a model has "
+            f"learned more than counting only above these lines. KN trigram 95% interval (bootstrap over items "
+            f"within groups): {spans}.")
 
 
 def peer_table(results: dict) -> str:
@@ -261,11 +300,17 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
                    + f"; precision {ev.get('precision', 'fp32')}, EWoK pairing {ev.get('ewok_pairing', 'contexts')}"
                    + "; macro accuracy over groups (%); a tie counts correct, as in BabyLM's pipeline (Strict mean: "
                    "ties wrong; Ties: tied pairs over all tasks).")
+        if any(score_metric(c) != "accuracy" for c in _tasks(results)):
+            out.append("WUG columns: Spearman's ρ (×100) between the model's and the humans' preference; Reading "
+                       "columns: the gain in R² that surprisal adds to BabyLM's OLS baseline, in % of the possible "
+                       "gain (eye tracking: mean of 4 measures; self-paced reading: with spillover). They are not "
+                       "accuracies: the zero-shot and strict means (and the best peer) use the accuracy tasks only.")
     if ft:
         out.append(f"GLUE: fine-tuned {ft['models']} peer(s) on {', '.join(ft['tasks'])}, {ft['epochs']} epoch(s), "
                    f"at most {ft['max_train_examples'] or 'all'} train / {ft['max_eval_examples'] or 'all'} eval "
                    "examples (score = MCC for cola, F1 for mrpc/qqp, accuracy otherwise; average of tasks).")
     out += ["", main_table(results)]
+    out += ["", reference_text(results)] if reference_text(results) else []
     if ev:
         out += ["", "### Differences vs MLM: beyond evaluation noise?", "", significance_table(results)]
     out += ["", "## Table 2: every peer", "", peer_table(results)]
@@ -297,7 +342,30 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
             "backward) divided by the analytic count of the same batch; outer step = one DWML ω step in units of "
             "an inner step, times the number of outer steps; measured total = inner x steps + outer x outer steps.",
             "", cost_table(results), ""]
+    exposure = exposure_table(results)
+    if exposure:
+        out += ["## Exposure (BabyLM rules)", "",
+                "Whitespace words the training stream delivered (repeated passes counted), epochs of the train "
+                "split, and a KD teacher's training words, which BabyLM counts toward the same budget "
+                "(strict-small: 100M words, 10 epochs).", "", exposure, ""]
     return "\n".join(out)
+
+
+def exposure_table(results: dict) -> str:
+    """Words seen, epochs, teacher words and milestones written, per run (runs trained before dwml counted words
+    have no row)."""
+    rows = []
+    for run in done_runs(results):
+        e = run.get("exposure")
+        if not e:
+            continue
+        teacher = e.get("teacher_words")
+        rows.append([run["name"], run["method"], e.get("track", "none"), f"{e['words_seen']:,}", f"{e['epochs']:.2f}",
+                     "–" if not teacher else f"{teacher:,}",
+                     "n/a" if e.get("total_words") is None else f"{e['total_words']:,}",
+                     str(len(e.get("milestones") or {}))])
+    header = ["Run", "Method", "Track", "Words seen", "Epochs", "Teacher words", "Total words", "Milestones"]
+    return md_table(header, rows) if rows else ""
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:

@@ -61,7 +61,10 @@ CPU_CHUNK_ROWS, GPU_CHUNK_ELEMENTS, CHUNK_TEMPORARIES = 32, 2**26, 2
 # denominator, theta', the slope and the cotangent; double backward keeps most of them). Measured 12.5 (adamw,
 # double_backward / jvp), 14.7 (adamw, per_peer), 6.2 (sgd).
 OUTER_PARAM_COPIES = {"adamw": 16, "direct": 16, "sgd": 8}
-OUTER_ACTIVATION_STEPS = 3  # the outer step costs ~3 inner steps of the held-out batch (measured 2.2-3.3)
+# Activations of the outer step in inner steps (forward and backward) of the held-out batch, per distill.hypergrad:
+# double_backward keeps the create_graph backward's graph too (measured 2.3-2.8 times an inner step in all); per_peer
+# and jvp hold one forward's graph at a time (1.1-1.2, as the unroll direct: 1.0).
+OUTER_ACTIVATION_STEPS = {"double_backward": 3.0, "per_peer": 1.5, "jvp": 1.5}
 MASK_SIGMAS = 6  # masked positions: mask_prob of the tokens plus 6 standard deviations of the binomial
 EVAL_TOKENS = {"cpu": 8192, "cuda": 65536}  # tokens per scoring batch (`evaluation/scoring.py` DEFAULT_TOKEN_BUDGET)
 LIMIT_ENV = "DWML_MEMORY_LIMIT"
@@ -175,8 +178,11 @@ def training_estimate(cfg: RunConfig, archs: Sequence[tuple[str, Arch]], *, devi
     # kernel forms nothing); the students step one after another.
     est.phases["optimizer_step"] = F32 * max(P) if device_type == "cpu" else 0
     if method in ("dwml", "kd_dwml") and d.learn_omega:  # DWML's outer step (`distill/hypergrad.py`), in fp32
-        outer = sum(forward_backward_bytes(a, Bh, T, Nh) for a in models)  # math SDPA, no autocast
-        est.phases["outer_step"] = OUTER_ACTIVATION_STEPS * outer + OUTER_PARAM_COPIES[d.unroll] * F32 * sum(P)
+        # No autocast; second-order modes force the math SDPA kernel (scores materialised), per_peer and direct not.
+        second_order = d.hypergrad != "per_peer" and d.unroll != "direct"
+        outer = sum(forward_backward_bytes(a, Bh, T, Nh, fused_attention=fused and not second_order) for a in models)
+        steps = OUTER_ACTIVATION_STEPS[d.hypergrad] if d.unroll != "direct" else OUTER_ACTIVATION_STEPS["per_peer"]
+        est.phases["outer_step"] = int(steps * outer) + OUTER_PARAM_COPIES[d.unroll] * F32 * sum(P)
     # Validation (no autograd): every student's logits are kept for the ensemble's loss over (M, N, V) stacks.
     V = models[0].vocab_size
     est.phases["validation"] = (max(nograd_forward_bytes(a, Be, T, 0) for a in models) + M * Ne * V * F32
