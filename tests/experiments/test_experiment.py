@@ -250,6 +250,11 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
     # The CLI: report only, and a dry run with the compute estimate.
     assert main(["experiment", str(path), "--report-only"]) == 0
     assert main(["experiment", str(path), "--dry-run"]) == 0
+    from dwml.experiments.experiment import estimate
+
+    planned = {r["name"]: r for r in estimate(load_experiment(path))["runs"]}
+    trained = json.loads(summary.read_text())["exposure"]
+    assert planned["mlm"]["words"] == trained["words_seen"] and round(planned["mlm"]["epochs"], 4) == trained["epochs"]
     assert main(["experiment", str(tmp_path / "missing.toml")]) == 2
 
 

@@ -59,7 +59,7 @@ def evaluate_babylm_task(model, tokenizer, task: str, items: Sequence, *, method
         else:
             out = reading(model, tokenizer, items, **kw)
     except DwmlError as e:  # e.g. a 400-token entity-tracking prompt for a model of 128 positions: name the task
-        raise DwmlError(e if str(e).startswith(task) else f"{task}: {e}") from None
+        raise DwmlError(str(e) if str(e).startswith(task) else f"{task}: {e}") from None
     out["seconds"] = round(time.perf_counter() - start, 3)
     return out
 

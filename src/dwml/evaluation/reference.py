@@ -213,8 +213,9 @@ def _pairs_sha(pairs: Sequence[MinimalPair]) -> str:
 def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_dir: str | Path | None = None,
                       limit: int | None = None, ewok_pairing: str = EWOK_PAIRINGS[0],
                       task_pairs: dict[str, list[MinimalPair]] | None = None,
-                      log: Callable[[str], None] | None = None) -> dict:
-    """The reference lines of `prepared`'s train split on the minimal-pair tasks among `tasks` (others skipped).
+                      log: Callable[[str], None] | None = None) -> dict | None:
+    """The reference lines of `prepared`'s train split on the minimal-pair tasks among `tasks` (others skipped;
+    None when there is none).
 
     Returns {"prepared", "tokenizer_sha256", "discount", "models_text", "cached": [tasks read from the cache],
     "seconds", "models": {"unigram" | "kn_trigram": {"label", "tasks": {task: summarize(...) without items, with
@@ -226,6 +227,8 @@ def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_
     tok_sha = check_prepared_tokenizer(prepared, meta)
     data_sha = data_fingerprint(prepared, meta)
     names = [t for t in parse_tasks(tasks) if TASKS[t].kind in PAIR_KINDS]
+    if not names:
+        return None
     out = {name: {"label": label, "tasks": {}, "summary": {}, "strict_summary": {}, "ties": {}}
            for name, label in LABELS.items()}
     built: dict = {}

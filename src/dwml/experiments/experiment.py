@@ -45,6 +45,7 @@ from typing import Callable
 
 from ..errors import require
 from ..io import claim_dir, write_json
+from ..training.setup import planned_words
 from .collect import analytic_flops, collect, host_info, run_budget, teacher_arch_of
 from .config import ExperimentConfig, load_experiment
 from .plan import plan_runs
@@ -142,7 +143,12 @@ def estimate(cfg: ExperimentConfig, mfu: float = 0.4) -> dict:
         fl = analytic_flops(plan, vocab, budget["tokens_per_student"], teacher)
         bf16 = plan.config.train.dtype == "bf16" or (plan.config.train.dtype == "auto" and device == "cuda")
         memory = training_estimate(plan.config, archs, device_type=device, bf16=bf16, teacher=teacher).total
+        words = planned_words(plan.config, prepared) if (prepared / "meta.json").is_file() else None
+        if words is not None and plan.teacher_run:  # a teacher trained in this experiment: its words count too
+            words = (words[0], words[1], planned_words(by_name[plan.teacher_run].config, prepared)[0])
         rows.append({"name": plan.name, "method": plan.method, "alias_of": None, **budget,
+                     "words": words and words[0], "epochs": words and words[1],
+                     "teacher_words": words[2] if words and len(words) > 2 else None,
                      "params": [count_params(a) for _, a in archs], "archs": [a.name for _, a in archs],
                      "flops": fl["total"], "gpu_hours": gpu_hours(fl["total"], mfu), "memory_bytes": memory,
                      "memory": format_bytes(memory) + (" !" if limit is not None and memory > limit else "")})
@@ -163,10 +169,12 @@ def format_estimate(est: dict) -> str:
              f"{est['peak_flops'] / 1e12:.1f} TFLOP/s (H100 SXM dense bf16); FLOPs are the analytic training "
              "FLOPs of every student (+ teacher forwards; LM heads at mask_prob of all positions, an upper "
              "bound), DWML outer steps not included"]
+    lines.append("words: whitespace words seen by each student (one process; + its teacher's when trained here), "
+                 "and epochs of the train split; n/a until the data is prepared")
     lines.append(f"memory: the estimated peak of each run (dwml.models.memory; ! = over the limit); limit on this "
                  f"machine {est['memory_limit']}")
     head = (f"{'run':<24}{'method':<9}{'steps':>8}{'tokens/student':>16}  {'students (params)':<40}{'FLOPs':>10}"
-            f"{'GPU h':>8}{'memory':>12}")
+            f"{'GPU h':>8}{'memory':>12}{'words':>16}{'epochs':>8}")
     lines += [head, "-" * len(head)]
     for r in est["runs"]:
         if r["alias_of"]:
@@ -174,7 +182,9 @@ def format_estimate(est: dict) -> str:
             continue
         params = ", ".join(f"{p / 1e6:.1f}M" for p in r["params"])
         lines.append(f"{r['name']:<24}{r['method']:<9}{r['steps']:>8}{r['tokens_per_student']:>16,.0f}  "
-                     f"{params:<40}{r['flops']:>10.2e}{r['gpu_hours']:>8.2f}{r['memory']:>12}")
+                     f"{params:<40}{r['flops']:>10.2e}{r['gpu_hours']:>8.2f}{r['memory']:>12}"
+                     + (f"{r['words']:>16,}{r['epochs']:>8.2f}" if r.get("words") is not None else f"{'n/a':>16}")
+                     + (f"  + teacher {r['teacher_words']:,}" if r.get("teacher_words") else ""))
     lines.append(f"total {est['total_flops']:.3e} FLOPs = {est['total_gpu_hours']:.2f} GPU hours")
     return "\n".join(lines)
 

@@ -43,7 +43,7 @@ LAYER_INTERMEDIATE = {("roberta", False): 12, ("roberta", True): 6,  # the FFN's
 LAYER_ATTENTION = 16  # per head and key position where the scores exist (math SDPA: the CPU, DWML's outer step):
 #                       softmax, dropout mask, dropped probabilities + the raw scores of the layer in flight. On CUDA
 #                       training SDPA's fused kernels keep only a log-sum-exp per head and query (LAYER_LSE).
-LAYER_LSE = 8
+LAYER_LSE = 8  # fused SDPA, per head and token: the fp32 log-sum-exp (+ its gradient)
 NOGRAD_HIDDEN, NOGRAD_ATTENTION = 8, 2  # the same without autograd, for one layer at a time: residual, Q, K, V,
 #                                       context, output, LayerNorm (+1); scores and softmax (math SDPA)
 EMBEDDING_HIDDEN = 4  # per token: the embeddings' sum, LayerNorm input and output, dropout (measured ~2.5)
@@ -101,8 +101,8 @@ def aux_head_params(arch: Arch, sd_layers: Sequence[int] = ()) -> int:
 def layer_bytes(arch: Arch, batch: int, seq_len: int, *, bf16: bool = False, fused_attention: bool = False) -> int:
     """What one encoder layer saves for backward at `batch` x `seq_len` tokens (see the coefficients above)."""
     attention = arch.heads * (LAYER_LSE if fused_attention else LAYER_ATTENTION * seq_len)
-    per_token = (LAYER_HIDDEN[bf16] * arch.hidden + attention
-                 + LAYER_INTERMEDIATE.get((arch.family, bf16), LAYER_INTERMEDIATE[("roberta", bf16)]) * arch.intermediate)
+    ffn = LAYER_INTERMEDIATE.get((arch.family, bf16), LAYER_INTERMEDIATE[("roberta", bf16)])
+    per_token = LAYER_HIDDEN[bf16] * arch.hidden + ffn * arch.intermediate + attention
     return batch * seq_len * per_token
 
 
@@ -112,8 +112,8 @@ def forward_backward_bytes(arch: Arch, batch: int, seq_len: int, n_masked: int, 
     `fused_attention`: SDPA's fused CUDA kernels, which form no (T, T) scores."""
     tokens, H, V = batch * seq_len, arch.hidden, arch.vocab_size
     keys = 0 if fused_attention else arch.heads * seq_len
-    return (arch.layers * layer_bytes(arch, batch, seq_len, bf16=bf16, fused_attention=fused_attention)  # all layers'
-            + tokens * EMBEDDING_HIDDEN * H * F32  # the embeddings' outputs                  saved tensors
+    return (arch.layers * layer_bytes(arch, batch, seq_len, bf16=bf16, fused_attention=fused_attention)  # all layers
+            + tokens * EMBEDDING_HIDDEN * H * F32  # the embeddings' outputs
             + batch * seq_len * seq_len * F32  # Hugging Face's 4-D attention mask of this forward
             + heads * n_masked * HEAD_HIDDEN * H * F32  # the LM head(s) at the masked positions only
             + heads * n_masked * V * (LOGIT_COPIES * F32 + (BF16 if bf16 else 0))  # logits (+ bf16 before upcast)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..checks import check_peer_arch, check_peers_file, data_fingerprint, model_fingerprint
 from ..config import RunConfig
 from ..data.masking import BatchStream, Prefetcher
-from ..data.shards import PackedSequences
+from ..data.shards import PackedSequences, load_meta
 from ..data.tokenizer import copy_tokenizer
 from ..data.words import sequence_words, word_start_table
 from ..distill.hypergrad import OmegaState
@@ -127,6 +127,18 @@ def check_memory(cfg: RunConfig, archs: list[tuple[str, Arch]], rt: Runtime) -> 
         teacher = arch_from_folder(teacher_dir(cfg.distill.teacher))
     check_training_memory(cfg, archs, rt.device, bf16=rt.autocast_dtype is not None, teacher=teacher,
                           world_size=rt.world_size)
+
+
+def planned_words(cfg: RunConfig, prepared: Path) -> tuple[int, float]:
+    """(words seen, epochs) after `train.max_steps` steps of one process, before any training (the dry run)."""
+    meta = load_meta(prepared)
+    t = cfg.train
+    stream = BatchStream(PackedSequences(prepared, "train", cfg.data.seq_len), t.batch_size, seed=t.seed,
+                         vocab_size=int(meta["vocab_size"]), mask_prob=cfg.data.mask_prob)
+    table = word_start_table(prepared / "tokenizer" / "tokenizer.json", int(meta["vocab_size"]))
+    words = sequence_words(stream.sequences, table)
+    e = Exposure(words, stream, t.grad_accum, t.max_steps, int(words.sum()))
+    return e.words_after(t.max_steps), e.epochs_after(t.max_steps)
 
 
 def load_teacher(path: str, tokenizer_dir: Path, device: torch.device):
