@@ -2,7 +2,7 @@
 implementation, normalisation, the per-prepared-directory cache, and the lines in `dwml eval`'s table."""
 import itertools
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -99,18 +99,171 @@ def test_word_order_pairs_tie_under_the_unigram(tiny_prepared):
     assert scores["kn_trigram"][0] != scores["kn_trigram"][1]
 
 
-def test_eval_table_shows_the_reference_lines(tiny_prepared, capsys):
+def test_eval_table_shows_the_reference_lines(tiny_prepared, tmp_path, capsys):
+    import shutil
+
     from transformers import AutoTokenizer
 
     from dwml.cli import main
     from evalfixtures import make_model
 
-    tok = AutoTokenizer.from_pretrained(tiny_prepared / "tokenizer")
-    folder = tiny_prepared.parent / "model_for_reference"
-    if not folder.exists():
-        make_model(tok).save_pretrained(folder)
-        tok.save_pretrained(folder)
+    prepared = tmp_path / "data"  # a private copy: the lines are cached inside the prepared directory
+    shutil.copytree(tiny_prepared, prepared)
+    tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    folder = tmp_path / "model"
+    make_model(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
     assert main(["eval", str(folder), "--tasks", "blimp_fast", "--limit", "2", "--reference-data",
-                 str(tiny_prepared), "--no-groups"]) == 0
+                 str(prepared), "--no-groups"]) == 0
     out = capsys.readouterr().out
     assert "unigram (train counts)" in out and "KN trigram" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs end to end (prefixes, </s>, exact ties), the cache following the eval files, a run's own data found through
+# its summary, the CLI switches, and the rows of the demo and the report.
+
+PAIRS = [
+    ("the dog saw the cat.", "the cat saw the dog.", None, None),  # the same tokens: an exact unigram tie
+    ("These books are old.", "These books is old.", None, None),
+    ("He ate it.", "He ate it.", None, None),  # identical: a tie for both lines
+    ("The ball is in the box.", "The box is in the ball.", "Ana put a ball in a box.", "Ana put a ball in a box."),
+    ("It is wet.", "It is wet.", "It rained.", "It was sunny."),  # EWoK contexts: the same target after two contexts
+]
+
+
+def _direct(prepared):
+    """(p3, unigram) of the train split, with dicts (naive_kn above), and the log-probs of a text computed from the
+    tokenizer's ids and offsets: tokens ending after the prefix (+ </s> for the trigram), contexts <s> <s> first."""
+    from dwml.data.shards import Shard
+
+    shard = Shard(prepared, "train")
+    docs = [[int(x) for x in shard.doc(i)] for i in range(len(shard)) if shard.doc(i).size]
+    p3, _ = naive_kn(docs, shard.vocab_size)
+    counts = Counter(t for d in docs for t in d)
+    n = sum(counts.values())
+
+    def score(tok, text, prefix):
+        enc = tok(prefix + " " + text if prefix else text, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        scored = [i for i in range(1, len(ids) - 1) if offs[i][1] > (len(prefix) if prefix else 0)]
+        ctx = lambda i: (ids[i - 2] if i >= 2 else BOS_ID, ids[i - 1])  # noqa: E731
+        uni = math.fsum(math.log((counts[ids[i]] + 1) / (n + shard.vocab_size - N_SPECIAL)) for i in scored)
+        return uni, math.fsum(math.log(p3(*ctx(i), ids[i])) for i in scored + [len(ids) - 1])
+
+    return score
+
+
+def test_pair_scores_equal_a_direct_implementation_with_prefixes_and_ties(tiny_prepared):
+    from dwml.data.tokenizer import load_tokenizer
+    from dwml.evaluation.evaldata import MinimalPair
+    from dwml.evaluation.outcomes import summarize
+
+    tokens, stream, vocab = ref.train_stream(tiny_prepared)
+    tok = load_tokenizer(tiny_prepared / "tokenizer")
+    pairs = [MinimalPair(g, b, "grp", "f", good_prefix=gp, bad_prefix=bp) for g, b, gp, bp in PAIRS]
+    scores = ref.score_reference(ref.Unigram(tokens, vocab), ref.KneserNeyTrigram(stream, vocab), tok, pairs)
+    direct = _direct(tiny_prepared)
+    for side in (0, 1):
+        for i, p in enumerate(PAIRS):
+            uni, tri = direct(tok, p[side], p[2 + side])
+            assert math.isclose(scores["unigram"][side][i], uni, rel_tol=1e-9)
+            assert math.isclose(scores["kn_trigram"][side][i], tri, rel_tol=1e-9)
+    res = summarize(pairs, *scores["unigram"])
+    assert res["ties"] >= 2 and res["accuracy"] - res["strict_accuracy"] == pytest.approx(100 * res["ties"] / 5)
+
+
+def _eval_dir(root):
+    """A tiny eval root: blimp_fast with 2 paradigms and an unpacked ewok_fast."""
+    import json
+
+    (root / "blimp_fast").mkdir(parents=True)
+    rows = [("the dog saw the cat.", "the cat saw the dog."), ("These books are old.", "These books is old."),
+            ("She has eaten.", "She has ate."), ("Many people left.", "People many left.")]
+    for k, uid in enumerate(("p_one", "p_two")):
+        (root / "blimp_fast" / f"{uid}.jsonl").write_text("".join(json.dumps(
+            {"sentence_good": g, "sentence_bad": b, "UID": uid, "field": "syntax"}) + "\n" for g, b in rows[k:k + 2]))
+    (root / "ewok_fast").mkdir()
+    (root / "ewok_fast" / "physical.jsonl").write_text("".join(json.dumps(
+        {"Context1": c, "Context2": "x", "Target1": t1, "Target2": t2, "Domain": "physical"}) + "\n"
+        for c, t1, t2 in [("A cup fell.", "It broke.", "It sang."), ("Ana is tall.", "She is tall.", "He is.")]))
+    return root
+
+
+@pytest.fixture
+def own_prepared(tiny_prepared, tmp_path):
+    """A private copy of the tiny prepared data: the cache is written inside it."""
+    import shutil
+
+    shutil.copytree(tiny_prepared, tmp_path / "prepared", ignore=shutil.ignore_patterns("reference"))  # no cache
+    return tmp_path / "prepared"
+
+
+def test_cache_is_invalidated_when_an_eval_file_changes(own_prepared, tmp_path, monkeypatch):
+    import json
+
+    data = _eval_dir(tmp_path / "eval")
+    first = ref.reference_results(own_prepared, "blimp_fast,ewok_fast,wug_adj", data_dir=data)
+    assert set(first["models"]["kn_trigram"]["tasks"]) == {"blimp_fast", "ewok_fast"}  # wug is not pairs
+    r = first["models"]["unigram"]["tasks"]["blimp_fast"]
+    assert set(r["groups"]) == {"p_one", "p_two"} and r["ties"] >= 1 and "items" not in r
+    assert r["interval"]["low"] <= r["macro_accuracy"] <= r["interval"]["high"]
+    assert ref.reference_results(own_prepared, "wug_adj", data_dir=data) is None
+    monkeypatch.setattr(ref, "train_stream", lambda *a, **k: pytest.fail("counted again"))
+    assert ref.reference_results(own_prepared, "blimp_fast", data_dir=data)["cached"] == ["blimp_fast"]
+    path = data / "blimp_fast" / "p_two.jsonl"
+    path.write_text(path.read_text() + json.dumps({"sentence_good": "A cat sat.", "sentence_bad": "A sat cat.",
+                                                   "UID": "p_two"}) + "\n")
+    with pytest.raises(BaseException, match="counted again"):
+        ref.reference_results(own_prepared, "blimp_fast", data_dir=data)
+    monkeypatch.undo()
+    third = ref.reference_results(own_prepared, "blimp_fast", data_dir=data)
+    assert third["cached"] == [] and third["models"]["unigram"]["tasks"]["blimp_fast"]["n"] == r["n"] + 1
+    assert len(list((own_prepared / "reference").glob("blimp_fast-*.json"))) == 2
+
+
+def test_a_runs_own_data_gives_the_lines_in_eval_demo_and_report(own_prepared, tmp_path, capsys):
+    import json
+
+    from evalfixtures import make_model
+
+    from dwml.checks import tokenizer_fingerprint
+    from dwml.cli import main
+    from dwml.data.tokenizer import load_tokenizer
+    from dwml.errors import DwmlError
+    from dwml.evaluation.evaluate import evaluate_path, format_report
+    from dwml.experiments.demo import results_table
+    from dwml.experiments.report import main_table, reference_text
+
+    data = _eval_dir(tmp_path / "eval")
+    tok = load_tokenizer(own_prepared / "tokenizer")
+    final = tmp_path / "run" / "final"
+    make_model(tok).save_pretrained(final / "peer0")
+    tok.save_pretrained(final / "peer0")
+    (final / "summary.json").write_text(json.dumps({"method": "mlm", "omega": [1.0],
+                                                    "tokenizer": str(own_prepared / "tokenizer"),
+                                                    "tokenizer_sha256": tokenizer_fingerprint(own_prepared / "tokenizer")}))
+    res = evaluate_path(tmp_path / "run", "blimp_fast,ewok_fast", device="cpu", data_dir=data)
+    assert res["reference"]["prepared"] == str(own_prepared)  # found through the run's summary
+    line = next(x for x in format_report(res, groups=False).splitlines() if x.startswith("KN trigram"))
+    assert f"{res['reference']['models']['kn_trigram']['summary']['blimp_fast']:.2f}" in line
+    assert "reference" not in evaluate_path(tmp_path / "run", "blimp_fast", device="cpu", data_dir=data,
+                                            reference=False)
+    args = ["eval", str(final / "peer0"), "--tasks", "blimp_fast", "--device", "cpu", "--data-dir", str(data),
+            "--no-groups"]
+    assert main(args) == 0 and "KN trigram" not in capsys.readouterr().out  # a plain folder: no known data
+    assert main(args + ["--reference-data", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(DwmlError):
+        ref.reference_results(tmp_path, "blimp_fast", data_dir=data)
+
+    peer = {"name": "peer0", "params": 1, "valid_loss": 1.0, "plateau_exit_step": None}
+    run = {"peers": [peer], "omega": [1.0], "initial_valid_loss": [2.0], "valid_ensemble_loss": 1.0}
+    table = results_table(run, run, {"mlm": res})
+    assert "unigram (train counts)" in table and "KN trigram" in table
+    results = {"eval": {"tasks": ["blimp_fast", "ewok_fast"]}, "runs": [], "reference": res["reference"]}
+    row = next(x for x in main_table(results).splitlines() if "KN trigram" in x)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["reference", "no learning", "KN trigram"] and len(cells) == 5 + 2 + 3 + 2
+    assert cells[5] == f"{res['reference']['models']['kn_trigram']['summary']['blimp_fast']:.1f}"
+    assert "BLiMP (fast) [" in reference_text(results)
