@@ -143,12 +143,13 @@ def estimate(cfg: ExperimentConfig, mfu: float = 0.4) -> dict:
         fl = analytic_flops(plan, vocab, budget["tokens_per_student"], teacher)
         bf16 = plan.config.train.dtype == "bf16" or (plan.config.train.dtype == "auto" and device == "cuda")
         memory = training_estimate(plan.config, archs, device_type=device, bf16=bf16, teacher=teacher).total
-        words = planned_words(plan.config, prepared) if (prepared / "meta.json").is_file() else None
-        if words is not None and plan.teacher_run:  # a teacher trained in this experiment: its words count too
-            words = (words[0], words[1], planned_words(by_name[plan.teacher_run].config, prepared)[0])
+        words = epochs = teacher_words = None
+        if (prepared / "meta.json").is_file():
+            words, epochs = planned_words(plan.config, prepared)
+            if plan.teacher_run:  # a teacher trained in this experiment: its words count too
+                teacher_words = planned_words(by_name[plan.teacher_run].config, prepared)[0]
         rows.append({"name": plan.name, "method": plan.method, "alias_of": None, **budget,
-                     "words": words and words[0], "epochs": words and words[1],
-                     "teacher_words": words[2] if words and len(words) > 2 else None,
+                     "words": words, "epochs": epochs, "teacher_words": teacher_words,
                      "params": [count_params(a) for _, a in archs], "archs": [a.name for _, a in archs],
                      "flops": fl["total"], "gpu_hours": gpu_hours(fl["total"], mfu), "memory_bytes": memory,
                      "memory": format_bytes(memory) + (" !" if limit is not None and memory > limit else "")})

@@ -61,15 +61,13 @@ class Exposure:
         per_batch = stream.batch_size * stream.world_size
         visited = stream.per_rank * stream.world_size  # the < world_size leftover sequences are never visited
         n_batches = max_steps * grad_accum
-        batch_words: list[np.ndarray] = []
-        epoch = 0
-        while sum(b.size for b in batch_words) < n_batches:
+        ends = np.minimum(np.arange(1, stream.batches_per_epoch + 1) * per_batch, visited)
+        batch_words = [np.zeros(0, dtype=np.int64)]
+        for epoch in range(-(-n_batches // stream.batches_per_epoch)):  # the epochs the plan reaches
             order = epoch_order(stream.seed, epoch, stream.n_sequences)[:visited]
             cum = np.concatenate([[0], np.cumsum(words[order], dtype=np.int64)])
-            ends = np.minimum(np.arange(1, stream.batches_per_epoch + 1) * per_batch, visited)
             batch_words.append(np.diff(np.concatenate([[0], cum[ends]])))
-            epoch += 1
-        flat = np.concatenate(batch_words)[:n_batches] if batch_words else np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(batch_words)[:n_batches]
         self.cum_batches = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
         self.max_steps = max_steps
 
@@ -90,6 +88,16 @@ class Exposure:
             if 1 <= step <= self.max_steps:
                 out.setdefault(step, []).append(milestone_name(m))
         return out
+
+
+def stream_exposure(stream, prepared: Path, vocab_size: int, grad_accum: int, max_steps: int) -> Exposure:
+    """The `Exposure` of a stream over `prepared`'s packed train split, with the prepared tokenizer's word starts;
+    the words of all its sequences are the train split's words."""
+    from ..data.words import sequence_words, word_start_table
+
+    table = word_start_table(Path(prepared) / "tokenizer" / "tokenizer.json", vocab_size)
+    words = sequence_words(stream.sequences, table)
+    return Exposure(words, stream, grad_accum, max_steps, int(words.sum()))
 
 
 def teacher_words(cfg, teacher_folder: Path | None) -> int:

@@ -19,7 +19,6 @@ from ..config import RunConfig
 from ..data.masking import BatchStream, Prefetcher
 from ..data.shards import PackedSequences, load_meta
 from ..data.tokenizer import copy_tokenizer
-from ..data.words import sequence_words, word_start_table
 from ..distill.hypergrad import OmegaState
 from ..distill.methods import PEER_METHODS, TEACHER_METHODS
 from ..distill.selfdistill import SelfDistillHeads
@@ -27,7 +26,7 @@ from ..errors import DwmlError
 from ..io import atomic_dir, write_json
 from ..models.memory import arch_from_folder, check_training_memory
 from ..models.model import POSITION_OFFSET, Arch, Student, build_model, get_preset
-from .exposure import TRACKS, Exposure, ExposurePlan, check_budget, teacher_words
+from .exposure import TRACKS, ExposurePlan, check_budget, stream_exposure, teacher_words
 from .runtime import Runtime
 
 
@@ -104,9 +103,7 @@ def plan_exposure(cfg: RunConfig, meta: dict, stream: BatchStream) -> ExposurePl
     """Words seen after every step of the plan (`dwml.training.exposure`); with a BabyLM track, its budget - the
     teacher's words included - is checked here, before any step, and its milestone steps are fixed."""
     t = cfg.train
-    table = word_start_table(Path(cfg.data.prepared) / "tokenizer" / "tokenizer.json", int(meta["vocab_size"]))
-    words = sequence_words(stream.sequences, table)  # summed: the train split's words (meta.json's count)
-    exposure = Exposure(words, stream, t.grad_accum, t.max_steps, int(words.sum()))
+    exposure = stream_exposure(stream, Path(cfg.data.prepared), int(meta["vocab_size"]), t.grad_accum, t.max_steps)
     teacher = None
     if t.method in TEACHER_METHODS:
         try:
@@ -135,9 +132,7 @@ def planned_words(cfg: RunConfig, prepared: Path) -> tuple[int, float]:
     t = cfg.train
     stream = BatchStream(PackedSequences(prepared, "train", cfg.data.seq_len), t.batch_size, seed=t.seed,
                          vocab_size=int(meta["vocab_size"]), mask_prob=cfg.data.mask_prob)
-    table = word_start_table(prepared / "tokenizer" / "tokenizer.json", int(meta["vocab_size"]))
-    words = sequence_words(stream.sequences, table)
-    e = Exposure(words, stream, t.grad_accum, t.max_steps, int(words.sum()))
+    e = stream_exposure(stream, prepared, int(meta["vocab_size"]), t.grad_accum, t.max_steps)
     return e.words_after(t.max_steps), e.epochs_after(t.max_steps)
 
 
