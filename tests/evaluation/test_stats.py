@@ -5,7 +5,8 @@ import pytest
 from dwml.errors import DwmlError
 from dwml.evaluation.outcomes import item_record
 from dwml.evaluation.evaldata import MinimalPair
-from dwml.evaluation.stats import compare_tasks, macro_accuracy, paired_bootstrap, significance_vs_mlm
+from dwml.evaluation.stats import (compare_tasks, macro_accuracy, paired_bootstrap, paired_bootstrap_mean,
+                                   significance_vs_mlm)
 
 
 def _data(seed=0, sizes=(40, 25, 60)):
@@ -101,3 +102,26 @@ def test_significance_vs_mlm_and_its_report_table():
     md = significance_table({"significance": sig})
     assert "| dwml | dwml | peer1 | BLiMP |" in md and "yes" in md
     assert significance_vs_mlm(runs[2:], evaluations) is None  # no mlm run: nothing to compare with
+
+
+def test_paired_bootstrap_mean_matches_the_naive_loop_and_the_normal_interval():
+    rng = np.random.default_rng(1)
+    a = rng.normal(3.0, 0.2, size=400)
+    b = a + rng.normal(0.05, 0.1, size=400)  # b worse by 0.05 on average, paired noise 0.1
+    r = paired_bootstrap_mean(a, b, n_boot=4000, seed=3)
+    assert r["diff"] == pytest.approx(float(np.mean(a - b)))
+    # The same replicates as a plain loop over resampled unit indices with the same generator.
+    g = np.random.default_rng(3)
+    idx = g.integers(0, 400, size=(4000, 400))
+    naive = np.array([np.mean(a[i] - b[i]) for i in idx])
+    assert r["low"] == pytest.approx(np.quantile(naive, 0.025)) and r["high"] == pytest.approx(np.quantile(naive, 0.975))
+    half = 1.96 * np.std(a - b, ddof=1) / np.sqrt(400)  # the normal approximation of the 95% half-width
+    assert (r["high"] - r["low"]) / 2 == pytest.approx(half, rel=0.1)
+    assert r["significant"] and r["high"] < 0 and r["n_items"] == 400
+    same = paired_bootstrap_mean(a, a + 0.25)
+    assert same["low"] == pytest.approx(-0.25) and same["high"] == pytest.approx(-0.25)  # no paired noise at all
+    assert not paired_bootstrap_mean(a, a)["significant"]
+    with pytest.raises(DwmlError, match="same non-empty list"):
+        paired_bootstrap_mean(a, b[:-1])
+    with pytest.raises(DwmlError, match="same non-empty list"):
+        paired_bootstrap_mean([], [])

@@ -60,6 +60,24 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, group: np.nda
             "n_items": int(a.size), "significant": bool(low > 0 or high < 0)}
 
 
+def paired_bootstrap_mean(values_a, values_b, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired bootstrap of mean(a) - mean(b) over shared units (e.g. the validation batches both models were scored
+    on: the same sequences and masks); same keys as `paired_bootstrap`, in the values' own units (nats)."""
+    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise DwmlError(f"paired bootstrap: expected the same non-empty list of units for both (got {a.shape}, "
+                        f"{b.shape})")
+    if not 0.0 < level < 1.0:
+        raise DwmlError(f"paired bootstrap: level must be in (0, 1), got {level}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    replicates = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "level": level, "n_boot": n_boot,
+            "n_items": int(d.size), "significant": bool(low > 0 or high < 0)}
+
+
 def compare_tasks(task_results_a: dict, task_results_b: dict, **kwargs) -> dict:
     """{task: paired_bootstrap(...)} for every task both evaluation results hold (per-item outcomes from
     `dwml.evaluation.evaluate`); a task scored on different items in the two results is an error."""

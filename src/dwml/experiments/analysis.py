@@ -26,11 +26,11 @@ def model_rows(summary: dict, evaluation: dict | None, finetune: dict | None) ->
         a = p.get("arch", {})
         arch = Arch.from_dict(a, f"peers[{i}].arch").name if a else p.get("name", "")
         rows.append(_row(f"peer{i}", arch, p["params"], summary["omega"][i], p["valid_loss"], scored, tuned))
-        rows[-1]["plateau_exit_step"] = p.get("plateau_exit_step")
+        rows[-1].update(plateau_exit_step=p.get("plateau_exit_step"), valid_batch_losses=p.get("valid_batch_losses"))
     if len(peers) > 1:
         rows.append(_row("ensemble", "omega-mixture", sum(p["params"] for p in peers), None,
                          summary.get("valid_ensemble_loss"), scored, tuned))
-        rows[-1]["plateau_exit_step"] = None
+        rows[-1].update(plateau_exit_step=None, valid_batch_losses=summary.get("valid_ensemble_batch_losses"))
     return rows
 
 

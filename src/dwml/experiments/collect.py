@@ -38,6 +38,30 @@ def omega_trajectory(run_dir: Path) -> dict:
     return {"outer_step": steps, "omega": omegas, "mixed_ratio": ratios}
 
 
+def valid_curve(run_dir: Path, n_students: int, budget: dict) -> dict:
+    """{"tokens": [...], "loss": [[per student] per validation]} from metrics.jsonl: training positions per student
+    (steps x batch x accumulation x sequence length) at each validation, for the loss-vs-tokens figure."""
+    from ..training.plateau import valid_history
+
+    history = valid_history(run_dir / "metrics.jsonl", n_students)
+    per_step = budget["batch_size"] * budget["grad_accum"] * budget["seq_len"]
+    steps = [s for s, _ in history[0]] if history else []
+    return {"tokens": [s * per_step for s in steps], "loss": [[h[k][1] for h in history] for k in range(len(steps))]}
+
+
+def blimp_fields(evaluation: dict | None, models: list[str]) -> dict:
+    """{model: {"task", "fields": {field: accuracy %}}} of the first BLiMP task evaluated (pairs pooled per field:
+    morphology, syntax, semantics, syntax-semantics, ...), for the per-field figure."""
+    out = {}
+    for name in models:
+        tasks = ((evaluation or {}).get("models", {}).get(name) or {}).get("tasks", {})
+        task = next((t for t in tasks if t.startswith("blimp") and t != "blimp_supplement" and "fields" in tasks[t]),
+                    None)
+        if task:
+            out[name] = {"task": task, "fields": {f: c["accuracy"] for f, c in tasks[task]["fields"].items()}}
+    return out
+
+
 def median_or_none(values: list) -> float | None:
     """Median of the numbers among `values` (None entries skipped); None if there are none."""
     import statistics
@@ -142,6 +166,8 @@ def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, 
         "omega": summary["omega"],
         "omega_learned": bool(summary.get("omega_learned")),
         "omega_trajectory": omega_trajectory(Path(rc.out_dir)),
+        "valid_curve": valid_curve(Path(rc.out_dir), n_students, budget),
+        "blimp_fields": blimp_fields(evaluation, [r["name"] for r in rows]),
         "unroll": rc.distill.unroll,
         "valid_ensemble_loss": summary.get("valid_ensemble_loss"),
         "models": rows,
@@ -208,6 +234,9 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
     from ..evaluation.stats import significance_vs_mlm
 
     results["significance"] = significance_vs_mlm(runs, evaluations)
+    from .comparison import compare_models
+
+    results["comparisons"] = compare_models(runs, evaluations)
     return results
 
 

@@ -82,6 +82,7 @@ class RunSpec:
     method: str = ""
     teacher: str = ""  # "run:NAME" (a run of this experiment, trained first) or a model / run directory
     peers: int = 0  # k > 0: the first k searched peers; 0: all searched peers (peer methods) or [base].model
+    peer: int = 0  # k > 0: the k-th searched peer alone (a single-network baseline on that shape); not with peers
     data: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -172,6 +173,10 @@ def parse_experiment(data: dict, where: str = "experiment") -> ExperimentConfig:
         require(spec.method in METHODS, f"{at} ({spec.name}): method: expected one of {list(METHODS)}, "
                 f"got {spec.method!r}")
         require(spec.peers >= 0, f"{at} ({spec.name}): peers: expected an integer >= 0, got {spec.peers}")
+        require(spec.peer >= 0, f"{at} ({spec.name}): peer: expected an integer >= 1 (the k-th searched peer)")
+        require(not (spec.peer and spec.peers), f"{at} ({spec.name}): give either peers = k or peer = k, not both")
+        require(not spec.peer or spec.method not in PEER_METHODS,
+                f"{at} ({spec.name}): peer = {spec.peer} trains one network; method {spec.method} needs peers")
         from_dict(RunConfig, {s: getattr(spec, s) for s in SECTIONS if getattr(spec, s)}, f"{at} ({spec.name})")
         names.add(spec.name)
         cfg.runs.append(spec)

@@ -11,6 +11,7 @@ One TOML file describes the experiment (strict: an unknown key is an error namin
     [[runs]]                         # name, method, optional teacher ("run:NAME" = another run of this file,
                                      # or a model/run directory), optional peers (k = the first k searched peers;
                                      # 0 = all of them for dml/dwml/kd_dwml, [base].model for the others), and
+                                     # peer (k = the k-th searched peer alone: a baseline on that shape) and
                                      # optional data/model/train/distill tables overriding [base]
     [sweep]                          # base = "RUN"; axis = [values], one axis at a time: `peers` or any [distill]
                                      # field (alpha, learn_omega, ...); run "RUN-alpha0.3" etc.

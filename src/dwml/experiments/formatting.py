@@ -5,6 +5,16 @@ import math
 from typing import Any, Sequence
 
 
+# Column labels of the zero-shot tasks.
+TASK_LABELS = {
+    "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",
+    "blimp_supplement": "Supplement", "supplement_fast": "Suppl. (fast)",
+    "ewok": "EWoK", "ewok_fast": "EWoK (fast)", "entity_tracking": "Entity tracking",
+    "wug_adj": "WUG adj (ρ×100)", "wug_past": "WUG past (ρ×100)",
+    "reading_eye_tracking": "Reading ET (ΔR² %)", "reading_self_paced": "Reading SPR (ΔR² %)",
+}
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
     align = [":--"] + ["--:"] * (len(header) - 1)

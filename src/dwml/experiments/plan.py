@@ -35,17 +35,19 @@ def resolve_run_config(cfg: ExperimentConfig, spec: RunSpec, exp_dir: Path, prep
                   "train": {"method": spec.method}})
     model = d.get("model", {})
     explicit = bool(model.get("peers") or model.get("peers_file"))
-    if spec.peers or (spec.method in PEER_METHODS and not explicit):
-        require(not explicit, f"{where}: give either peers = k or model.peers / model.peers_file, not both")
+    if spec.peers or spec.peer or (spec.method in PEER_METHODS and not explicit):
+        key = "peer" if spec.peer else "peers"
+        require(not explicit, f"{where}: give either {key} = k or model.peers / model.peers_file, not both")
         require(peer_archs is not None, f"{where}: uses searched peers, but the experiment has no [search] section")
-        k = spec.peers or len(peer_archs)
-        require(k <= len(peer_archs), f"{where}: peers = {k}, but [search] finds only {len(peer_archs)} peers")
+        k = spec.peer or spec.peers or len(peer_archs)
+        require(k <= len(peer_archs), f"{where}: {key} = {k}, but [search] finds only {len(peer_archs)} peers")
         require(k >= 2 or spec.method not in PEER_METHODS,
                 f"{where}: method {spec.method} needs at least 2 peers, got {k} (raise search.peers)")
+        chosen = peer_archs[k - 1:k] if spec.peer else peer_archs[:k]
         family = d.get("model", {}).get("family", "roberta")
-        require(all(a.get("family", family) == family for a in peer_archs[:k]),  # (a table without one inherits)
+        require(all(a.get("family", family) == family for a in chosen),  # (a table without one inherits)
                 f"{where}: model.family is {family}, but the [search] peers are not; set [search] family")
-        d = merge(d, {"model": {"peers": [dict(a) for a in peer_archs[:k]]}})
+        d = merge(d, {"model": {"peers": [dict(a) for a in chosen]}})
     if spec.teacher:
         teacher = str(exp_dir / spec.teacher[4:]) if spec.teacher.startswith("run:") else spec.teacher
         d = merge(d, {"distill": {"teacher": teacher}})

@@ -103,3 +103,59 @@ def plot_ablations(results: dict, path: str | Path) -> bool:
             ax.legend(fontsize=7)
     _save(fig, Path(path))
     return True
+
+
+def plot_valid_curves(results: dict, path: str | Path) -> bool:
+    """Validation loss against training tokens per student, every student of every run (one line each), with the
+    unigram entropy: learning from counts vs using context. False (nothing written) without validation records."""
+    runs = [r for r in done_runs(results) if (r.get("valid_curve") or {}).get("tokens")]
+    if not runs:
+        return False
+    fig = _figure(7.5, 4.6)
+    ax = fig.subplots()
+    for run in runs:
+        curve = run["valid_curve"]
+        peers = [m for m in run["models"] if m["name"] != "ensemble"]
+        for i, m in enumerate(peers):
+            label = run["name"] + (f"/{m['name']}" if len(peers) > 1 else "") + f" ({fmt_params(m['params'])})"
+            ax.plot(curve["tokens"], [loss[i] for loss in curve["loss"]], label=label, lw=1.2,
+                    ls="-" if run["method"] in ("mlm", "kd") else "--")
+    entropy = (results.get("data") or {}).get("unigram_entropy")
+    if entropy is not None:
+        ax.axhline(entropy, color="grey", lw=0.8, ls=":", label=f"unigram entropy {entropy:.2f}")
+    ax.set_xlabel("training positions per student")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title("validation loss vs tokens", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    _save(fig, Path(path))
+    return True
+
+
+def plot_blimp_fields(results: dict, path: str | Path) -> bool:
+    """Accuracy per BLiMP field (pairs pooled per field) of each run's best peer, grouped bars, with the
+    reference lines' when present. False without a BLiMP evaluation that has fields."""
+    bars = [(run["name"], run["blimp_fields"][run["best"]]) for run in done_runs(results)
+            if run["best"] in (run.get("blimp_fields") or {})]
+    if not bars:
+        return False
+    for ref in ((results.get("reference") or {}).get("models") or {}).values():
+        task = bars[0][1]["task"]
+        fields = ((ref.get("tasks") or {}).get(task) or {}).get("fields")
+        if fields:
+            bars.append((ref["label"], {"task": task, "fields": {f: c["accuracy"] for f, c in fields.items()}}))
+    names = sorted({f for _, b in bars for f in b["fields"]})
+    fig = _figure(max(6.0, 1.3 * len(names) + 2), 4.2)
+    ax = fig.subplots()
+    width = 0.8 / len(bars)
+    for k, (label, b) in enumerate(bars):
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [b["fields"].get(f, math.nan) for f in names], width, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{bars[0][1]['task']}: accuracy per field (best peer of each run)", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, Path(path))
+    return True

@@ -31,16 +31,10 @@ from ..evaluation.babylm_data import metric_of as score_metric
 from ..evaluation.babylm_data import score_columns
 from ..io import write_text
 from .analysis import done_runs, metric_of, omega_correlation, sweep_points
-from .formatting import fmt, fmt_flops, fmt_params, fmt_value, md_table
-from .plots import plot_ablations, plot_omega
+from .comparison import comparison_table
+from .formatting import TASK_LABELS, fmt, fmt_flops, fmt_params, fmt_value, md_table
+from .plots import plot_ablations, plot_blimp_fields, plot_omega, plot_valid_curves
 
-TASK_LABELS = {
-    "blimp_filtered": "BLiMP", "blimp_fast": "BLiMP (fast)", "blimp_original": "BLiMP (orig.)",
-    "blimp_supplement": "Supplement", "supplement_fast": "Suppl. (fast)",
-    "ewok": "EWoK", "ewok_fast": "EWoK (fast)", "entity_tracking": "Entity tracking",
-    "wug_adj": "WUG adj (ρ×100)", "wug_past": "WUG past (ρ×100)",
-    "reading_eye_tracking": "Reading ET (ΔR² %)", "reading_self_paced": "Reading SPR (ΔR² %)",
-}
 STAR = " ★"
 
 
@@ -313,6 +307,12 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     out += ["", reference_text(results)] if reference_text(results) else []
     if ev:
         out += ["", "### Differences vs MLM: beyond evaluation noise?", "", significance_table(results)]
+    table = comparison_table(results)
+    if table:
+        out += ["", "### Each method against MLM of the same shape and against KD", "", table]
+    for kind, title in (("valid_loss", "validation loss against tokens"), ("blimp_fields", "BLiMP per field")):
+        if kind in figures:
+            out += ["", f"![{title}]({figures[kind]})"]
     out += ["", "## Table 2: every peer", "", peer_table(results)]
     out += ["", "## Figure 3: ω over the outer steps", ""]
     out.append(f"![omega trajectories]({figures['omega']})" if "omega" in figures else
@@ -376,6 +376,10 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         figures["omega"] = "figures/omega.png"
     if plot_ablations(results, out_dir / "figures" / "ablations.png"):
         figures["ablations"] = "figures/ablations.png"
+    if plot_valid_curves(results, out_dir / "figures" / "valid_loss.png"):
+        figures["valid_loss"] = "figures/valid_loss.png"
+    if plot_blimp_fields(results, out_dir / "figures" / "blimp_fields.png"):
+        figures["blimp_fields"] = "figures/blimp_fields.png"
     path = out_dir / "report.md"
     write_text(path, render_report(results, figures))
     return path

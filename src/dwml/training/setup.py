@@ -25,7 +25,7 @@ from ..distill.selfdistill import SelfDistillHeads
 from ..errors import DwmlError
 from ..io import atomic_dir, write_json
 from ..models.memory import arch_from_folder, check_training_memory
-from ..models.model import POSITION_OFFSET, Arch, Student, build_model, get_preset
+from ..models.model import POSITION_OFFSET, Arch, Student, build_model, count_params, get_preset
 from .exposure import TRACKS, ExposurePlan, check_budget, stream_exposure, teacher_words
 from .runtime import Runtime
 
@@ -256,6 +256,14 @@ def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, su
             s.mlm.save_pretrained(tmp / f"peer{i}")
             copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
         write_json(tmp / "summary.json", summary)
+
+
+def peer_summaries(archs: list[tuple[str, Arch]], valid_loss: list[float], exits: list[int | None],
+                   batch_losses: list[list[float]]) -> list[dict]:
+    """summary.json's "peers": each student's shape, size, final validation loss (and per validation batch) and
+    plateau exit step."""
+    return [{"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v, "plateau_exit_step": x,
+             "valid_batch_losses": b} for (n, a), v, x, b in zip(archs, valid_loss, exits, batch_losses)]
 
 
 def build_students(cfg: RunConfig, archs: list[tuple[str, Arch]], device: torch.device) -> list[Student]:

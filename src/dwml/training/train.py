@@ -30,7 +30,7 @@ from ..distill.hypergrad import MirrorDescentConfig, hypergradient, mixed_ratio
 from ..distill.losses import ensemble_loss, mlm_loss
 from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
 from ..io import write_text
-from ..models.model import count_params, masked_logits
+from ..models.model import masked_logits
 from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
@@ -38,8 +38,8 @@ from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
 from .setup import (build_students, check_memory, dump_rank_state, export_final, gather_rng, initial_omega,
-                    input_fingerprints, load_teacher, make_batches, make_optimizer, plan_exposure, prefetch,
-                    resolve_archs, set_rng_state, student_logits, wrap_students)
+                    input_fingerprints, load_teacher, make_batches, make_optimizer, peer_summaries, plan_exposure,
+                    prefetch, resolve_archs, set_rng_state, student_logits, wrap_students)
 
 # --------------------------------------------------------------------------------------------------------------
 # The run, phase by phase
@@ -356,22 +356,23 @@ class Trainer:
         bar.set_postfix(loss=f"{min(ce or [float('nan')]):.3f}", tok_s=f"{tps:,.0f}")
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Mean validation loss of every student (and of the omega ensemble) on the fixed validation batches."""
+    def validate(self, per_batch_losses: bool = False) -> dict:
+        """Mean validation loss of every student (and of the omega ensemble) on the fixed validation batches, and
+        with `per_batch_losses` each batch's loss ("batches"): the units a paired bootstrap between runs resamples."""
         n = len(self.students)
-        sums = torch.zeros(n + 1, dtype=torch.float64, device=self.rt.device)
-        for vb in self.batches.valid:
+        per_batch = torch.zeros(n + 1, len(self.batches.valid), dtype=torch.float64, device=self.rt.device)
+        for b, vb in enumerate(self.batches.valid):
             vb = vb.to(self.rt.device)
             # The bare students, not their DDP wrappers: validation runs on rank 0 alone.
             logits = [o[0] for o in self.forward_all(vb, train_mode=False, modules=self.students)]
             for i, z in enumerate(logits):
-                sums[i] += mlm_loss(z, vb.labels)
+                per_batch[i, b] = mlm_loss(z, vb.labels)
             if n > 1:  # the ensemble of one model is that model
-                sums[-1] += ensemble_loss(logits, vb.labels, self.omega_device, kind="ensemble")
-        sums = (sums / len(self.batches.valid)).tolist()  # one host sync for the whole validation
-        out = {"valid_loss": sums[:-1]}
+                per_batch[-1, b] = ensemble_loss(logits, vb.labels, self.omega_device, kind="ensemble")
+        means = per_batch.mean(dim=1).tolist()  # one host sync for the whole validation
+        out = {"valid_loss": means[:-1], **({"batches": per_batch.tolist()} if per_batch_losses else {})}
         if n > 1:
-            out["valid_ensemble_loss"] = sums[-1]
+            out["valid_ensemble_loss"] = means[-1]
         return out
 
     def initial_validation(self) -> None:
@@ -418,7 +419,7 @@ class Trainer:
             self.timings["steps"] = self.elapsed() - self.elapsed_before - sum(
                 self.timings.get(k, 0.0) for k in ("validation", "checkpoint"))
             with self.phase("final_validation"):
-                final = self.validate()
+                final = self.validate(per_batch_losses=True)
             history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
             exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
                      for h, v in zip(history, final["valid_loss"])]
@@ -427,17 +428,14 @@ class Trainer:
                 "steps": self.step,
                 "omega": self.omega.omega.tolist(),
                 "omega_learned": self.learn_omega,
-                "peers": [
-                    {"name": n, "arch": a.to_dict(), "params": count_params(a), "valid_loss": v,
-                     "plateau_exit_step": x}
-                    for (n, a), v, x in zip(self.archs, final["valid_loss"], exits)
-                ],
+                "peers": peer_summaries(self.archs, final["valid_loss"], exits, final["batches"]),
                 "unigram_entropy": self.unigram,
                 "initial_valid_loss": self.initial_valid,
                 "train_seconds": self.elapsed(),
                 "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
                 "exposure": self.exposure.summary(self.step),
                 "valid_ensemble_loss": final.get("valid_ensemble_loss"),
+                "valid_ensemble_batch_losses": final["batches"][-1] if len(self.archs) > 1 else None,
                 "tokenizer": str(self.tokenizer_dir),
                 "tokenizer_sha256": self.tokenizer_sha,
                 "timings_s": {k: round(v, 3) for k, v in self.timings.items()},  # export is not included

@@ -1,0 +1,151 @@
+"""Grammar at equal CPU time (issue 18, item 2): what one MLM learns of grammar in --minutes of wall time on this CPU.
+
+Loss alone does not tell grammar (a 1.5M model at valid loss 3.2 scored 54.3 on BLiMP-filtered), so every variant is
+judged on the full BLiMP-filtered (59,875 pairs) and the full BLiMP supplement (5,218 pairs), BabyLM's convention
+(a tie counts correct), next to the unigram and KN-trigram lines of the same data (`dwml eval` prints them).
+
+Equal CPU time: a variant's `train.max_steps` is sized so that training fills --minutes on this machine - by a
+throughput probe (PROBE_STEPS steps of the variant itself, its steady tokens/s from the last log line) unless the
+variant pins its steps. A schedule that decays to 0 must know its length, so the time budget becomes a step count
+before training; the table reports the wall time the training really took. Every variant spells out its whole
+recipe (RECIPE + its overrides). Each variant is one `dwml train` into OUT/<variant> (reused when it holds a
+finished run of the same settings: the study can be stopped and continued) and one `dwml eval` into
+OUT/<variant>.eval.json. Writes OUT/grammar.md and OUT/grammar.json.
+
+    PYTHONPATH=src python3 benchmarks/grammar_study.py --data runs/data8k --out runs/study [--only a,b] [--minutes 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_study import finished_with, run_variant  # noqa: E402  (the sibling study's reuse rules)
+
+# The CPU recipe: the loss study's winner (ModernBERT, dropout 0, 30% masking, linear decay to 0; docs/results.md)
+# with bf16 autocast, which on this CPU's AVX512-BF16 / AMX matmuls trains 1.8x faster at the same loss.
+RECIPE = {
+    "model.family": "modernbert", "model.preset": "mini", "model.dropout": 0.0,
+    "data.seq_len": 128, "data.mask_prob": 0.3, "data.eval_mask_prob": 0.15, "data.heldout_sequences": 256,
+    "train.method": "mlm", "train.batch_size": 32, "train.lr": 2e-3, "train.warmup_steps": 100,
+    "train.schedule": "linear", "train.min_lr_ratio": 0.0, "train.weight_decay": 0.01, "train.dtype": "bf16",
+    "train.eval_every": 500, "train.save_every": 500, "train.log_every": 50, "train.progress": False,
+}
+# (name, what it changes, overrides of RECIPE). train.max_steps pins the length (no probe).
+VARIANTS: list[tuple[str, str, dict]] = [
+    ("mini_bf16", "ModernBERT mini (5.38M), lr 2e-3, bf16; 1,950 steps (sized by a 60-step probe: 5.0k tokens/s)",
+     {"train.max_steps": 1950}),
+    ("mini_fp32", "the same in fp32 (dwml's CPU default before this study)", {"train.dtype": "fp32"}),
+    ("tiny_bf16", "ModernBERT tiny (1.49M), lr 3e-3, bf16", {"model.preset": "tiny", "train.lr": 3e-3}),
+]
+PROBE_STEPS = 60
+TASKS = "blimp_filtered,blimp_supplement"
+
+
+def _toml(v) -> str:
+    from dwml.config import toml_value
+
+    return toml_value(v)
+
+
+def sets_of(recipe: dict, data: str, out: Path) -> list[str]:
+    return [f"{k}={_toml(v)}" for k, v in {**recipe, "data.prepared": data, "out_dir": str(out)}.items()]
+
+
+def probe_steps(name: str, recipe: dict, data: str, out: Path, minutes: float, threads: int) -> int:
+    """Steps that fill `minutes` of training at the variant's steady throughput (measured by a short run)."""
+    probe = out.parent / f"{name}.probe"
+    short = {**recipe, "train.max_steps": PROBE_STEPS, "train.eval_every": 10**6, "train.save_every": 10**6,
+             "train.log_every": PROBE_STEPS // 2}
+    run_variant(f"{name}.probe", sets_of(short, data, probe), probe, threads)
+    last = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
+    tokens_per_step = recipe["train.batch_size"] * recipe["data.seq_len"]
+    # 3% for the validations every eval_every steps and the final export
+    return int(0.97 * minutes * 60 * last["tokens_per_s"] / tokens_per_step)
+
+
+def evaluate(name: str, out: Path, threads: int) -> tuple[dict, float]:
+    path = out.parent / f"{name}.eval.json"
+    start = time.perf_counter()
+    if not path.is_file():
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "dwml.cli", "eval", str(out), "--tasks", TASKS, "--out", str(path)]
+        with open(out.parent / f"{name}.eval.log", "w", encoding="utf-8") as log:
+            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads(path.read_text()), time.perf_counter() - start
+
+
+def row(name: str, what: str, summary: dict, ev: dict, eval_s: float) -> dict:
+    m = ev["models"]["peer0"]
+    peer = summary["peers"][0]
+    return {"variant": name, "changes": what, "params": peer["params"], "steps": summary["steps"],
+            "tokens": summary["train_tokens"], "epochs": summary["exposure"]["epochs"],
+            "train_seconds": summary["train_seconds"], "valid_loss": peer["valid_loss"],
+            "unigram_entropy": summary["unigram_entropy"], "blimp_filtered": m["summary"]["blimp_filtered"],
+            "supplement": m["summary"]["blimp_supplement"], "eval_seconds": eval_s}
+
+
+def table(rows: list[dict], minutes: float) -> str:
+    head = ["variant", "params", "steps", "tokens", "epochs", "train wall (min)", "valid loss", "BLiMP-filtered",
+            "supplement", "changes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        over = " (over budget)" if r["train_seconds"] > 60 * minutes else ""
+        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['steps']:,} | {r['tokens'] / 1e6:.1f}M | "
+                     f"{r['epochs']:.2f} | {r['train_seconds'] / 60:.1f}{over} | {r['valid_loss']:.3f} | "
+                     f"{r['blimp_filtered']:.2f} | {r['supplement']:.2f} | {r['changes']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="runs/data8k", help="prepared data (dwml prepare ... --vocab-size 8192)")
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget per variant")
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each process")
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = ap.parse_args()
+    names = [n for n, _, _ in VARIANTS]
+    only = [x for x in args.only.split(",") if x]
+    if sorted(set(only) - set(names)):
+        print(f"grammar_study: unknown variant(s) {sorted(set(only) - set(names))}; expected some of {names}",
+              file=sys.stderr)
+        return 2
+    if args.list:
+        for n, what, over in VARIANTS:
+            print(f"{n:<12} {what}  {over}")
+        return 0
+    out_root = Path(args.out)
+    rows = []
+    for name, what, overrides in VARIANTS:
+        if only and name not in only:
+            continue
+        out = out_root / name
+        recipe = {**RECIPE, **overrides}
+        if "train.max_steps" not in recipe and not finished_with(out, sets_of(recipe, args.data, out)):
+            recipe["train.max_steps"] = probe_steps(name, recipe, args.data, out, args.minutes, args.threads)
+        elif "train.max_steps" not in recipe:  # finished earlier: its own length
+            recipe["train.max_steps"] = json.loads((out / "final" / "summary.json").read_text())["steps"]
+        summary = run_variant(name, sets_of(recipe, args.data, out), out, args.threads)
+        ev, eval_s = evaluate(name, out, args.threads)
+        rows.append(row(name, what, summary, ev, eval_s))
+        print(table(rows[-1:], args.minutes), flush=True)
+    text = table(rows, args.minutes)
+    text += (f"\n\nBudget {args.minutes:g} min of training per variant on this machine ({os.cpu_count()} CPUs, "
+             f"{args.threads} threads); BLiMP-filtered / supplement: `dwml eval`, full sets, fp32, PLL, a tie "
+             f"counting correct. Unigram entropy {rows[0]['unigram_entropy']:.3f} nats." if rows else "")
+    print(text)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "grammar.md").write_text(text + "\n")
+    (out_root / "grammar.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
