@@ -16,7 +16,6 @@ OUT/<variant>.eval.json. Writes OUT/grammar.md and OUT/grammar.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_study import finished_with, run_variant  # noqa: E402  (the sibling study's reuse rules)
+from recipe_study import finished_with, run_variant, study_arguments  # noqa: E402  (the sibling study's reuse rules)
 
 # The CPU recipe: the loss study's winner (ModernBERT, dropout 0, 30% masking, linear decay to 0; docs/results.md)
 # with bf16 autocast, which on this CPU's AVX512-BF16 / AMX matmuls trains 1.8x faster at the same loss.
@@ -103,10 +102,7 @@ def table(rows: list[dict], minutes: float) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="runs/data8k", help="prepared data (dwml prepare ... --vocab-size 8192)")
-    ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap = study_arguments(__doc__)
     ap.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget per variant")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each process")
     ap.add_argument("--list", action="store_true", help="print the variants and exit")

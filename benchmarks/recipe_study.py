@@ -151,11 +151,17 @@ def table(rows: list[dict], base_history: list[tuple[int, float]], base_batch: i
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every CPU study shares: --data, --out and --only."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/data8k", help="prepared data (dwml prepare ... --vocab-size 8192)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    return ap
+
+
+def main() -> int:
+    ap = study_arguments(__doc__)
     ap.add_argument("--tokens", type=int, default=TOKENS, help="training tokens (positions) per variant")
     ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="validate every this many tokens")
     ap.add_argument("--seq-len", type=int, default=128)

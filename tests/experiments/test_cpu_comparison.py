@@ -92,7 +92,7 @@ def test_cpu_comparison_end_to_end_shrunk(tiny_corpus, tmp_path, shared_data, ca
         assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG", fig
         assert f"figures/{fig}.png" in report
     curve = runs["dwml"]["valid_curve"]
-    assert curve["tokens"] == [0, 2 * 8 * 64, 4 * 8 * 64] and len(curve["loss"][0]) == 3
+    assert curve["tokens"] == [0, 2 * 8 * 64, 4 * 8 * 64] and [len(x) for x in curve["loss"]] == [2, 2, 2]
     fields = runs["mlm"]["blimp_fields"]["peer0"]
     assert fields["task"] == "blimp_fast" and fields["fields"]
     capsys.readouterr()
