@@ -52,12 +52,16 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, group: np.nda
         minus = int((~a[sel] & b[sel]).sum())
         counts = rng.multinomial(n, [plus / n, minus / n, (n - plus - minus) / n], size=n_boot)
         total += (counts[:, 0] - counts[:, 1]) / n
-    replicates = 100.0 * total / len(groups)
+    return _interval(100.0 * total / len(groups), macro_accuracy(a, group) - macro_accuracy(b, group), level,
+                     int(a.size))
+
+
+def _interval(replicates: np.ndarray, diff: float, level: float, n_items: int) -> dict:
+    """The result dict of a bootstrap: its percentile interval at `level` and whether it excludes 0."""
     tail = (1.0 - level) / 2
     low, high = np.quantile(replicates, [tail, 1.0 - tail])
-    diff = macro_accuracy(a, group) - macro_accuracy(b, group)
-    return {"diff": diff, "low": float(low), "high": float(high), "level": level, "n_boot": n_boot,
-            "n_items": int(a.size), "significant": bool(low > 0 or high < 0)}
+    return {"diff": float(diff), "low": float(low), "high": float(high), "level": level,
+            "n_boot": int(replicates.size), "n_items": n_items, "significant": bool(low > 0 or high < 0)}
 
 
 def paired_bootstrap_mean(values_a, values_b, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
@@ -71,11 +75,7 @@ def paired_bootstrap_mean(values_a, values_b, *, n_boot: int = 10_000, level: fl
         raise DwmlError(f"paired bootstrap: level must be in (0, 1), got {level}")
     d = a - b
     rng = np.random.default_rng(seed)
-    replicates = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    tail = (1.0 - level) / 2
-    low, high = np.quantile(replicates, [tail, 1.0 - tail])
-    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "level": level, "n_boot": n_boot,
-            "n_items": int(d.size), "significant": bool(low > 0 or high < 0)}
+    return _interval(d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1), d.mean(), level, int(d.size))
 
 
 def compare_tasks(task_results_a: dict, task_results_b: dict, **kwargs) -> dict:

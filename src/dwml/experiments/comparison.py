@@ -16,18 +16,13 @@ baseline); accuracy: higher is better.
 from __future__ import annotations
 
 from ..errors import DwmlError
+from .analysis import done_runs
 from .formatting import TASK_LABELS, md_table
-
-BASELINES = ("mlm_same_shape", "kd")
-
-
-def _done(runs: list[dict]) -> list[dict]:
-    return [r for r in runs if r.get("models") and not r.get("alias_of")]
 
 
 def _targets(runs: list[dict]) -> list[tuple[dict, dict, str, dict, dict]]:
     """(run, model row, baseline kind, baseline run, baseline model row) for every comparison to make."""
-    done = _done(runs)
+    done = done_runs({"runs": runs})
     singles = [r for r in done if r.get("n_students") == 1]
     mlm_by_arch: dict[str, dict] = {}
     for r in singles:
