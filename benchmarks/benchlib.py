@@ -8,6 +8,7 @@ box has no corpus).
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from dataclasses import dataclass
@@ -128,3 +129,23 @@ def matmul_peak(device: torch.device, size: int, dtype: torch.dtype, seconds: fl
         sync(device)
         best = min(best, (clock() - t0) / 10)
     return 2.0 * size**3 / best
+
+
+def cpu_step_arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments of the CPU step benchmarks (profile_cpu_step, bench_cpu_attention): the MLM's preset and batch."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def modernbert_peer(preset: str) -> dict:
+    """The peer table ({layers, heads, hidden, intermediate, family}) of a ModernBERT preset."""
+    from dwml.models.model import get_preset
+
+    arch = get_preset(preset, "modernbert")
+    return {"layers": arch.layers, "heads": arch.heads, "hidden": arch.hidden, "intermediate": arch.intermediate,
+            "family": "modernbert"}

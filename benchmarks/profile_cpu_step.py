@@ -10,7 +10,6 @@ table, the matmul peaks of this CPU (fp32 and bf16 1024^3) and the bf16 / fp32 s
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from collections import defaultdict
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchlib import make_trainer, matmul_peak, synthetic_prepared, time_steps
+from benchlib import (cpu_step_arguments, make_trainer, matmul_peak, modernbert_peer, synthetic_prepared,
+                      time_steps)
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product",
           "mkldnn", "onednn", "aten::baddbmm")
@@ -44,20 +44,11 @@ def profile_arm(run, steps: int) -> tuple[dict[str, float], list[tuple[str, floa
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="mini")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap = cpu_step_arguments(__doc__, steps=12)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from dwml.models.model import get_preset
-
-    arch = get_preset(args.preset, "modernbert")
-    peer = {"layers": arch.layers, "heads": arch.heads, "hidden": arch.hidden, "intermediate": arch.intermediate,
-            "family": "modernbert"}
+    peer = modernbert_peer(args.preset)
     cpu = torch.device("cpu")
     print(f"matmul peak, 1024^3, per process CPU second: fp32 {matmul_peak(cpu, 1024, torch.float32) / 1e9:.0f} "
           f"GFLOP/s, bf16 {matmul_peak(cpu, 1024, torch.bfloat16) / 1e9:.0f} GFLOP/s ({args.threads} threads)")

@@ -47,6 +47,9 @@ class DataConfig:
     prepared: str = "runs/data"  # directory written by `dwml prepare`
     seq_len: int = 128  # tokens per packed sequence, <s> and </s> included
     mask_prob: float = 0.15
+    # > 0: the training masking rate moves linearly from mask_prob at the first step to mask_prob_end at
+    # train.max_steps (GPT-BERT, BabyLM 2025's baseline: 30% -> 15%); 0 = mask_prob throughout.
+    mask_prob_end: float = 0.0
     # Validation masks at this fixed rate whatever mask_prob trains with, so validation losses of recipes with
     # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
     eval_mask_prob: float = 0.15
@@ -189,6 +192,8 @@ class RunConfig:
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
         check_family(self.model.family, "model.family")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
+        _check(self.data.mask_prob_end == 0.0 or 0.0 < self.data.mask_prob_end < 1.0,
+               f"data.mask_prob_end: expected (0, 1), or 0 for a constant rate, got {self.data.mask_prob_end}")
         _check(0.0 < self.data.eval_mask_prob < 1.0,
                f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")

@@ -242,3 +242,39 @@ def test_prefetcher_raises_the_streams_error():
     with pytest.raises(DwmlError, match="shard unreadable"):
         next(pre)
     pre.close()
+
+
+def test_masking_schedule_goes_linearly_from_mask_prob_to_mask_prob_end_and_resumes_exactly():
+    """data.mask_prob_end: batch k masks at rate 0.3 + (0.15 - 0.3) * k / (n - 1), measured on the batches
+    themselves; every batch of the constant-rate stream at the same uniforms is a superset (the noise is shared);
+    a resumed stream continues the schedule where it stopped."""
+    ids, att = big_batch()
+    seqs = [row[: int(n)].numpy() for row, n in zip(ids, att.sum(1))] * 3
+    n = 5
+    kw = dict(seed=4, vocab_size=V, mask_prob=0.3, mask_prob_end=0.15, schedule_batches=n)
+    stream, flat = BatchStream(seqs, len(seqs) // 3, **kw), BatchStream(seqs, len(seqs) // 3, seed=4, vocab_size=V,
+                                                                          mask_prob=0.3)
+    rates = []
+    for k in range(n + 1):
+        batch, wide = next(stream), next(flat)
+        # candidates: the selected tokens plus the unselected real, non-special ones (unselected tokens are unchanged)
+        keep = torch.ones(batch.input_ids.numel(), dtype=torch.bool)
+        keep[batch.positions] = False
+        real = (batch.attention_mask.flatten() == 1) & (batch.input_ids.flatten() >= 5)
+        rates.append(batch.positions.numel() / (batch.positions.numel() + int((real & keep).sum())))
+        assert set(batch.positions.tolist()) <= set(wide.positions.tolist())
+    expected = [0.3 - 0.15 * min(k / (n - 1), 1) for k in range(n + 1)]
+    assert rates == pytest.approx(expected, abs=0.006)
+    assert stream.rate(n) == stream.rate(100) == pytest.approx(0.15)
+    resumed, again = BatchStream(seqs, len(seqs) // 3, **kw), BatchStream(seqs, len(seqs) // 3, **kw)
+    for _ in range(2):
+        next(again)
+    resumed.load_state_dict(again.state_dict())
+    reference = BatchStream(seqs, len(seqs) // 3, **kw)
+    expected_batches = [next(reference) for _ in range(n)]
+    for k in range(2, n):
+        assert_same(next(resumed), expected_batches[k])
+    with pytest.raises(DwmlError, match="schedule_batches"):
+        BatchStream(seqs, 4, seed=0, vocab_size=V, mask_prob=0.3, mask_prob_end=0.15)
+    with pytest.raises(DwmlError, match="mask_prob"):
+        BatchStream(seqs, 4, seed=0, vocab_size=V, mask_prob=0.3, mask_prob_end=1.5, schedule_batches=3)

@@ -77,3 +77,19 @@ def test_validation_masks_at_eval_mask_prob_whatever_the_training_rate(tiny_prep
     assert not next(a.train).positions.equal(next(b.train).positions)  # while training masks at its own rate
     n = sum(v.positions.numel() for v in a.valid)
     assert sum(v.positions.numel() for v in c.valid) > 1.5 * n
+
+
+def test_the_masking_schedule_spans_the_runs_micro_batches_and_leaves_validation_alone(tiny_prepared, tmp_path):
+    from dwml.training.runtime import compute_init
+    from dwml.training.setup import make_batches
+
+    rt = compute_init("cpu", 0, "fp32")
+    vocab = load_meta(tiny_prepared)["vocab_size"]
+    cfg = make_cfg(tiny_prepared, tmp_path / "a", data={"mask_prob": 0.3, "mask_prob_end": 0.15, "eval_mask_prob": 0.15},
+                   train={"max_steps": 10, "grad_accum": 2})
+    plain = make_cfg(tiny_prepared, tmp_path / "b", data={"mask_prob": 0.3}, train={"max_steps": 10, "grad_accum": 2})
+    a, b = (make_batches(c, tiny_prepared, vocab, rt, True) for c in (cfg, plain))
+    assert a.train.rate(0) == 0.3 and a.train.rate(19) == pytest.approx(0.15) and a.train.rate(10) < 0.23
+    assert b.train.rate(19) == 0.3 and a.heldout.rate(19) == 0.3  # the outer loop's held-out batches: mask_prob
+    for va, vb in zip(a.valid, b.valid):
+        assert va.positions.equal(vb.positions)

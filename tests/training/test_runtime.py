@@ -50,3 +50,31 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     default, kept = _faults_per_step("0"), _faults_per_step("1")
     print(f"\nminor page faults per step: glibc default {default:.0f}, kept {kept:.0f}")
     assert default > 1000 and kept < default / 3, (default, kept)
+
+
+def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function():
+    """Runtime.autocast on the CPU in bf16 selects SDPA's math backend (faster than the CPU flash kernel's bf16
+    backward; benchmarks/bench_cpu_attention.py); fp32 and `cpu_math_attention = False` leave SDPA's choice alone.
+    Both paths give the same attention output and input gradient to bf16 precision."""
+    import torch
+    import torch.nn.functional as F
+
+    from dwml.training.runtime import compute_init
+
+    rt, fp32 = compute_init("cpu", 0, "bf16"), compute_init("cpu", 0, "fp32")
+    with rt.autocast():
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    with fp32.autocast():
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    q = torch.randn(2, 4, 128, 64, requires_grad=True)
+    grads = []
+    for math in (True, False):
+        rt.cpu_math_attention = math
+        with rt.autocast():
+            with_flag = torch.backends.cuda.flash_sdp_enabled()
+            out = F.scaled_dot_product_attention(q, q * 0.5, q * 2.0)
+        assert with_flag is not math
+        grads.append((out.float(), torch.autograd.grad(out.float().square().sum(), q)[0]))
+    (o1, g1), (o2, g2) = grads
+    assert torch.allclose(o1, o2, atol=3e-2, rtol=3e-2) and torch.allclose(g1, g2, atol=0.1, rtol=5e-2)

@@ -204,6 +204,8 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         mask_prob: float = 0.15,
+        mask_prob_end: float = 0.0,
+        schedule_batches: int = 0,
         drop_last: bool = True,
         pad_id: int = PAD_ID,
         mask_id: int = MASK_ID,
@@ -214,6 +216,12 @@ class BatchStream:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise DwmlError(f"rank/world_size: expected 0 <= rank < world_size, got {rank}/{world_size}")
         _check_mask_args(mask_prob, vocab_size, n_special)
+        if mask_prob_end:
+            _check_mask_args(mask_prob_end, vocab_size, n_special)
+            if not isinstance(schedule_batches, int) or schedule_batches < 1:
+                raise DwmlError(f"schedule_batches: a masking schedule needs its length in batches, got "
+                                f"{schedule_batches!r}")
+        self.mask_prob_end, self.schedule_batches = mask_prob_end, schedule_batches
         self.sequences = sequences
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -263,12 +271,22 @@ class BatchStream:
         select_u, action_u, random_at, fallback = sequence_noise(
             self.seed, self._epoch, idx, input_ids.shape[1], self.vocab_size, self.n_special)
         batch = _corrupt(input_ids, attention_mask, select_u, action_u, random_at=random_at, fallback=fallback,
-                         mask_prob=self.mask_prob, mask_id=self.mask_id, n_special=self.n_special)
+                         mask_prob=self.rate(self.step), mask_id=self.mask_id, n_special=self.n_special)
         self._tokens_seen += int(lengths.sum())
         self._cursor += 1
         if self._cursor == self.batches_per_epoch:
             self._epoch, self._cursor = self._epoch + 1, 0
         return batch
+
+    def rate(self, batch: int) -> float:
+        """Masking rate of this rank's `batch`-th batch: mask_prob, or linear from mask_prob (batch 0) to
+        mask_prob_end (batch schedule_batches - 1, and after). A function of the stream's position alone, so a
+        resumed run masks exactly as one that never stopped. A token is masked where its uniform < the rate: the
+        same noise masks a subset of the earlier positions as the rate falls."""
+        if not self.mask_prob_end:
+            return self.mask_prob
+        frac = min(batch / max(self.schedule_batches - 1, 1), 1.0)
+        return self.mask_prob + (self.mask_prob_end - self.mask_prob) * frac
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids (B, T) int64 right-padded, lengths (B,)): vectorised when the dataset has `gather` (PackedSequences)."""

@@ -141,7 +141,7 @@ def training_estimate(cfg: RunConfig, archs: Sequence[tuple[str, Arch]], *, devi
     P = [count_params(a) + x for a, x in zip(models, aux)]
     heads = [1 + (len(set(d.sd_layers)) if d.sd_layers else max(0, a.layers - 1)) if method == "sd" else 1
              for a in models]  # LM heads per student: self-distillation adds an auxiliary head per chosen layer
-    N = masked_positions(B * T, data.mask_prob)
+    N = masked_positions(B * T, max(data.mask_prob, data.mask_prob_end))  # a schedule's highest rate
     est = MemoryEstimate()
     est.terms["parameters"] = F32 * sum(P)  # fp32 master weights (autocast never changes the parameters' dtype)
     est.terms["gradients"] = F32 * sum(P)  # fp32 .grad of every parameter, kept from backward to the next step

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import DwmlError
 
@@ -21,6 +22,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    cpu_math_attention: bool = True  # bf16 on the CPU: SDPA's math backend (see `autocast`); benchmarks switch it
 
     @property
     def ddp(self) -> bool:
@@ -31,10 +33,23 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        """Mixed precision context: bf16 autocast on GPU (no loss scaling needed), nothing on CPU/fp32."""
+        """Mixed precision context: bf16 autocast (no loss scaling needed), nothing in plain fp32.
+
+        On the CPU, bf16 attention also runs through SDPA's math backend (explicit matmuls + softmax) instead of the
+        CPU flash kernel: at sequence length 128 the flash kernel's bf16 backward took 0.22 of a 0.74 s ModernBERT
+        mini step on a 2-core AMX CPU (benchmarks/profile_cpu_step.py); the math path trains the same function
+        (first-step loss equal to 4e-6) at 0.93 of the step time (benchmarks/bench_cpu_attention.py, 3 alternating
+        rounds; earlier one-off runs 0.81-0.87).
+        """
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        amp = torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        if self.device.type != "cpu" or not self.cpu_math_attention:
+            return amp
+        stack = contextlib.ExitStack()
+        stack.enter_context(amp)
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
 
     def barrier(self) -> None:
         if self.ddp:

@@ -199,7 +199,9 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     if len(train_seqs) < t.batch_size * rt.world_size:
         raise DwmlError(f"{prepared}: train split has {len(train_seqs)} sequences, fewer than one batch "
                         f"({t.batch_size} x {rt.world_size} ranks); use a smaller train.batch_size or more data")
-    train = BatchStream(train_seqs, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size, **common)
+    # The masking schedule (data.mask_prob_end) runs over the micro-batches of train.max_steps steps of this rank.
+    train = BatchStream(train_seqs, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
+                        mask_prob_end=dcfg.mask_prob_end, schedule_batches=t.max_steps * t.grad_accum, **common)
     valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len)
     n = len(valid_seqs)
     # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
