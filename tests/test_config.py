@@ -53,12 +53,10 @@ def test_missing_config_file(tmp_path):
         read_toml(tmp_path / "nope.toml")
 
 
-def test_the_cpu_mlm_config_is_the_grammar_studys_winner():
+def test_the_cpu_mlm_config_is_the_grammar_studys_winner(monkeypatch):
     """configs/cpu-mlm-30min.toml is the recipe the study measured (benchmarks/grammar_study.py, mini_sched30):
     every training setting of that variant, and nothing that changes the model or its data, differs."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from grammar_study import RECIPE, VARIANTS
 
     cfg = load_config([str(ROOT / "configs" / "cpu-mlm-30min.toml")])

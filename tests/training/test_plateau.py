@@ -85,8 +85,8 @@ def test_the_masking_schedule_spans_the_runs_micro_batches_and_leaves_validation
 
     rt = compute_init("cpu", 0, "fp32")
     vocab = load_meta(tiny_prepared)["vocab_size"]
-    cfg = make_cfg(tiny_prepared, tmp_path / "a", data={"mask_prob": 0.3, "mask_prob_end": 0.15, "eval_mask_prob": 0.15},
-                   train={"max_steps": 10, "grad_accum": 2})
+    cfg = make_cfg(tiny_prepared, tmp_path / "a", train={"max_steps": 10, "grad_accum": 2},
+                   data={"mask_prob": 0.3, "mask_prob_end": 0.15, "eval_mask_prob": 0.15})
     plain = make_cfg(tiny_prepared, tmp_path / "b", data={"mask_prob": 0.3}, train={"max_steps": 10, "grad_accum": 2})
     a, b = (make_batches(c, tiny_prepared, vocab, rt, True) for c in (cfg, plain))
     assert a.train.rate(0) == 0.3 and a.train.rate(19) == pytest.approx(0.15) and a.train.rate(10) < 0.23

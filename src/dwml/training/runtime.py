@@ -39,7 +39,7 @@ class Runtime:
         CPU flash kernel: at sequence length 128 the flash kernel's bf16 backward took 0.22 of a 0.74 s ModernBERT
         mini step on a 2-core AMX CPU (benchmarks/profile_cpu_step.py); the math path trains the same function
         (first-step loss equal to 4e-6) at 0.93 of the step time (benchmarks/bench_cpu_attention.py, 3 alternating
-        rounds; earlier one-off runs 0.81-0.87).
+        rounds; earlier one-off runs on the same machine 0.76-0.87).
         """
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
