@@ -53,6 +53,11 @@ class DataConfig:
     # Validation masks at this fixed rate whatever mask_prob trains with, so validation losses of recipes with
     # different masking rates measure the same task (a 40%-masked loss is higher for reasons unrelated to learning).
     eval_mask_prob: float = 0.15
+    # What becomes of a token selected for prediction in training (and DWML's held-out batches): this share turns
+    # into <mask>, this share into a random token, the rest stays visible (BERT's 80/10/10). BabyBERTa's
+    # "no unmasking" is 1.0 / 0.0. Validation keeps BERT's split, so valid losses compare across recipes.
+    replace_mask: float = 0.8
+    replace_random: float = 0.1
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
     #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
@@ -196,6 +201,7 @@ class RunConfig:
                f"data.mask_prob_end: expected (0, 1), or 0 for a constant rate, got {self.data.mask_prob_end}")
         _check(0.0 < self.data.eval_mask_prob < 1.0,
                f"data.eval_mask_prob: expected (0, 1), got {self.data.eval_mask_prob}")
+        check_replace(self.data.replace_mask, self.data.replace_random, "data.replace_mask/replace_random")
         _check(0 <= self.data.prefetch <= 64, f"data.prefetch: expected an integer in [0, 64], got {self.data.prefetch}")
         if t.method in ("kd", "kd_dwml"):
             _check(bool(d.teacher), f"distill.teacher: method {t.method} needs a teacher model directory")
@@ -203,6 +209,15 @@ class RunConfig:
             _check(isinstance(w, (int, float)) and math.isfinite(w) and w > 0,
                    f"distill.omega: expected positive finite numbers, got {d.omega}")
         return self
+
+
+def check_replace(to_mask: float, to_random: float, where: str = "replace") -> None:
+    """The one check of a masking corruption split: shares of the selected tokens that become <mask> and a random
+    token (`data.replace_mask` / `data.replace_random`; `dwml.data.masking`)."""
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in (to_mask, to_random))
+    _check(ok and to_mask + to_random <= 1.0 + 1e-12,
+           f"{where}: expected two shares in [0, 1] with a sum <= 1 (<mask>, random token), got {to_mask!r}, "
+           f"{to_random!r}")
 
 
 def _check(cond: bool, message: str) -> None:

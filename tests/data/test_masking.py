@@ -45,7 +45,7 @@ def test_stream_mask_statistics():
     check_mask_statistics(ids[order], att[order], batch)
 
 
-def check_mask_statistics(ids, att, batch):
+def check_mask_statistics(ids, att, batch, replace=(0.8, 0.1)):
     flat_in, flat_out = ids.flatten(), batch.input_ids.flatten()
     candidates = (att.flatten() == 1) & (flat_in >= 5)
     pos = batch.positions
@@ -58,8 +58,11 @@ def check_mask_statistics(ids, att, batch):
     masked = (out == 4).float().mean().item()
     unchanged = (out == batch.labels).float().mean().item()
     random = ((out != 4) & (out != batch.labels)).float().mean().item()
-    assert abs(masked - 0.8) < 0.015 and abs(random - 0.1) < 0.01 and abs(unchanged - 0.1) < 0.01
-    assert out[(out != 4)].min() >= 5 and out.max() < V
+    keep_share = 1.0 - replace[0] - replace[1]
+    assert abs(masked - replace[0]) < 0.015 and abs(random - replace[1]) < 0.01 and abs(unchanged - keep_share) < 0.01
+    if (out != 4).any():
+        assert out[(out != 4)].min() >= 5
+    assert out.max() < V
     # Outside the selected positions nothing changes.
     keep = torch.ones_like(flat_in, dtype=torch.bool)
     keep[pos] = False
@@ -278,3 +281,27 @@ def test_masking_schedule_goes_linearly_from_mask_prob_to_mask_prob_end_and_resu
         BatchStream(seqs, 4, seed=0, vocab_size=V, mask_prob=0.3, mask_prob_end=0.15)
     with pytest.raises(DwmlError, match="mask_prob"):
         BatchStream(seqs, 4, seed=0, vocab_size=V, mask_prob=0.3, mask_prob_end=1.5, schedule_batches=3)
+
+
+@pytest.mark.parametrize("replace", [(1.0, 0.0), (0.5, 0.3), (0.0, 0.0)])
+def test_corruption_split_replaces_the_configured_shares_of_the_same_selection(replace):
+    """data.replace_mask / replace_random: the measured shares of <mask>, random and kept tokens follow the split
+    (BabyBERTa's (1, 0): every selected token is <mask>); the selected positions are those of BERT's 80/10/10 at the
+    same noise, so a split changes what the model sees, never what it predicts."""
+    ids, att = big_batch()
+    seqs = [row[: int(n)].numpy() for row, n in zip(ids, att.sum(1))]
+    batch = next(BatchStream(seqs, len(seqs), seed=4, vocab_size=V, replace=replace))
+    bert = next(BatchStream(seqs, len(seqs), seed=4, vocab_size=V))
+    order = BatchStream(seqs, len(seqs), seed=4, vocab_size=V).epoch_indices(0)
+    check_mask_statistics(ids[order], att[order], batch, replace)
+    assert batch.positions.equal(bert.positions) and batch.labels.equal(bert.labels)
+    via_generator = mask_tokens(ids, att, generator=torch.Generator().manual_seed(0), vocab_size=V, replace=replace)
+    check_mask_statistics(ids, att, via_generator, replace)
+
+
+@pytest.mark.parametrize("replace", [(0.8, 0.3), (-0.1, 0.0), (1.2, 0.0), (True, 0.0), ("0.8", 0.1)])
+def test_a_corruption_split_outside_the_simplex_is_refused(replace):
+    ids, att = big_batch()
+    seqs = [row[: int(n)].numpy() for row, n in zip(ids, att.sum(1))]
+    with pytest.raises(DwmlError, match="replace"):
+        BatchStream(seqs, 4, seed=0, vocab_size=V, replace=replace)

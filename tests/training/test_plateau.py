@@ -93,3 +93,21 @@ def test_the_masking_schedule_spans_the_runs_micro_batches_and_leaves_validation
     assert b.train.rate(19) == 0.3 and a.heldout.rate(19) == 0.3  # the outer loop's held-out batches: mask_prob
     for va, vb in zip(a.valid, b.valid):
         assert va.positions.equal(vb.positions)
+
+
+def test_the_corruption_split_reaches_training_and_held_out_batches_not_validation(tiny_prepared, tmp_path):
+    from dwml.training.runtime import compute_init
+    from dwml.training.setup import make_batches
+
+    rt = compute_init("cpu", 0, "fp32")
+    vocab = load_meta(tiny_prepared)["vocab_size"]
+    nounmask = make_cfg(tiny_prepared, tmp_path / "a", data={"replace_mask": 1.0, "replace_random": 0.0})
+    bert = make_cfg(tiny_prepared, tmp_path / "b")
+    a, b = (make_batches(c, tiny_prepared, vocab, rt, True) for c in (nounmask, bert))
+    for stream in (a.train, a.heldout):
+        batch = next(stream)
+        assert (batch.input_ids.flatten()[batch.positions] == 4).all()  # every selected token is <mask>
+    batch = next(b.train)
+    assert not (batch.input_ids.flatten()[batch.positions] == 4).all()
+    for va, vb in zip(a.valid, b.valid):  # validation keeps BERT's 80/10/10
+        assert va.input_ids.equal(vb.input_ids)

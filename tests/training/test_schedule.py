@@ -41,5 +41,9 @@ def test_bad_schedule_keys_fail_loudly():
         load_config(sets=["data.eval_mask_prob=1.0"])
     with pytest.raises(DwmlError, match="data.mask_prob_end"):
         load_config(sets=["data.mask_prob_end=1.0"])
+    with pytest.raises(DwmlError, match="data.replace_mask/replace_random"):
+        load_config(sets=["data.replace_mask=0.95", "data.replace_random=0.1"])
+    with pytest.raises(DwmlError, match="data.replace_mask/replace_random"):
+        load_config(sets=["data.replace_random=-0.1"])
     with pytest.raises(DwmlError, match="train.warmup_steps"):
         load_config(sets=["train.warmup_steps=-1"])

@@ -1,4 +1,4 @@
-"""Batching and dynamic masked-language-model corruption (BERT/RoBERTa 80/10/10 scheme).
+"""Batching and dynamic masked-language-model corruption (BERT/RoBERTa 80/10/10 scheme, or any other split).
 
 `BatchStream` turns a sequence dataset (e.g. `dwml.data.shards.PackedSequences`) into an endless, deterministic stream of
 `MaskedBatch`es: one seeded permutation per epoch, split across DDP ranks, and counter-based masking noise that
@@ -17,8 +17,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..config import check_replace
 from ..errors import DwmlError
 from .tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+
+# What becomes of a token selected for prediction: (share replaced by <mask>, share replaced by a random token); the
+# rest stays as it is. BERT's 80/10/10. BabyBERTa (Huebner et al. 2021) found that never leaving the token visible
+# ((1.0, 0.0): no "unmasking") helped small models' grammar on child-directed speech.
+BERT_REPLACE = (0.8, 0.1)
+
 
 
 @dataclass
@@ -79,9 +86,11 @@ def mask_tokens(
     mask_prob: float = 0.15,
     mask_id: int = MASK_ID,
     n_special: int = N_SPECIAL,
+    replace: tuple[float, float] = BERT_REPLACE,
 ) -> MaskedBatch:
-    """Select each real (non-special, non-pad) token with probability mask_prob; of those, 80% become <mask>,
-    10% a random non-special token, 10% stay. At least one token per batch is selected. Inputs are not modified.
+    """Select each real (non-special, non-pad) token with probability mask_prob; of those, a share replace[0]
+    (BERT: 80%) become <mask>, replace[1] (10%) a random non-special token, the rest stay. At least one token per
+    batch is selected. Inputs are not modified.
 
     The noise comes from `generator`, drawn for the full (B, T) grid so it advances by the same amount for any
     content. (`BatchStream` uses counter-based noise instead: see `sequence_noise`.)"""
@@ -93,20 +102,24 @@ def mask_tokens(
     return _corrupt(
         input_ids.numpy(), attention_mask.numpy(), select_u, action_u,
         random_at=lambda flat: random_ids.reshape(-1)[flat], fallback=lambda: fallback_u,
-        mask_prob=mask_prob, mask_id=mask_id, n_special=n_special,
+        mask_prob=mask_prob, mask_id=mask_id, n_special=n_special, replace=replace,
     )
 
 
-def _check_mask_args(mask_prob: float, vocab_size: int, n_special: int) -> None:
+def _check_mask_args(mask_prob: float, vocab_size: int, n_special: int,
+                     replace: tuple[float, float] = BERT_REPLACE) -> None:
     if not 0.0 < mask_prob < 1.0:
         raise DwmlError(f"mask_prob: expected a number in (0, 1), got {mask_prob!r}")
+    check_replace(*replace)
     if vocab_size <= n_special:
         raise DwmlError(f"vocab_size: expected more than {n_special} (the special tokens), got {vocab_size}")
 
 
 def _corrupt(input_ids: np.ndarray, attention_mask: np.ndarray, select_u: np.ndarray, action_u: np.ndarray, *,
-             random_at, fallback, mask_prob: float, mask_id: int, n_special: int) -> MaskedBatch:
-    """The 80/10/10 corruption given the noise: uniforms for selection and action over the (B, T) grid,
+             random_at, fallback, mask_prob: float, mask_id: int, n_special: int,
+             replace: tuple[float, float] = BERT_REPLACE) -> MaskedBatch:
+    """The corruption given the noise (a selected token becomes <mask> where its action uniform < replace[0],
+    a random token below replace[0] + replace[1], else stays): uniforms for selection and action over the (B, T) grid,
     `random_at(flat_positions)` -> replacement ids there, `fallback()` -> a (B, T) grid of uniforms used only when
     nothing was selected (the replacement ids and fallback are computed only where and when needed)."""
     candidates = (attention_mask != 0) & (input_ids >= n_special)
@@ -122,9 +135,10 @@ def _corrupt(input_ids: np.ndarray, attention_mask: np.ndarray, select_u: np.nda
     labels = input_ids.reshape(-1)[positions]
     action = action_u.reshape(-1)[positions]
     values = labels.copy()
-    values[action < 0.8] = mask_id
-    to_random = (action >= 0.8) & (action < 0.9)
-    values[to_random] = random_at(positions[to_random])
+    mask_below, random_below = replace[0], replace[0] + replace[1]
+    values[action < mask_below] = mask_id
+    randomised = (action >= mask_below) & (action < random_below)
+    values[randomised] = random_at(positions[randomised])
     corrupted = input_ids.copy()
     corrupted.reshape(-1)[positions] = values
     return MaskedBatch(torch.from_numpy(corrupted), torch.from_numpy(attention_mask.astype(np.int64)),
@@ -206,6 +220,7 @@ class BatchStream:
         mask_prob: float = 0.15,
         mask_prob_end: float = 0.0,
         schedule_batches: int = 0,
+        replace: tuple[float, float] = BERT_REPLACE,
         drop_last: bool = True,
         pad_id: int = PAD_ID,
         mask_id: int = MASK_ID,
@@ -215,7 +230,8 @@ class BatchStream:
             raise DwmlError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise DwmlError(f"rank/world_size: expected 0 <= rank < world_size, got {rank}/{world_size}")
-        _check_mask_args(mask_prob, vocab_size, n_special)
+        _check_mask_args(mask_prob, vocab_size, n_special, replace)
+        self.replace = (float(replace[0]), float(replace[1]))
         if mask_prob_end:
             _check_mask_args(mask_prob_end, vocab_size, n_special)
             if not isinstance(schedule_batches, int) or schedule_batches < 1:
@@ -271,7 +287,8 @@ class BatchStream:
         select_u, action_u, random_at, fallback = sequence_noise(
             self.seed, self._epoch, idx, input_ids.shape[1], self.vocab_size, self.n_special)
         batch = _corrupt(input_ids, attention_mask, select_u, action_u, random_at=random_at, fallback=fallback,
-                         mask_prob=self.rate(self.step), mask_id=self.mask_id, n_special=self.n_special)
+                         mask_prob=self.rate(self.step), mask_id=self.mask_id, n_special=self.n_special,
+                         replace=self.replace)
         self._tokens_seen += int(lengths.sum())
         self._cursor += 1
         if self._cursor == self.batches_per_epoch:

@@ -194,7 +194,8 @@ class Batches:
 
 def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, need_heldout: bool) -> Batches:
     t, dcfg = cfg.train, cfg.data
-    common = dict(vocab_size=vocab_size, mask_prob=dcfg.mask_prob)
+    # Training and the held-out batches corrupt selected tokens by data.replace_mask / replace_random.
+    common = dict(vocab_size=vocab_size, mask_prob=dcfg.mask_prob, replace=(dcfg.replace_mask, dcfg.replace_random))
     train_seqs = PackedSequences(prepared, "train", dcfg.seq_len)
     if len(train_seqs) < t.batch_size * rt.world_size:
         raise DwmlError(f"{prepared}: train split has {len(train_seqs)} sequences, fewer than one batch "
@@ -213,7 +214,8 @@ def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, n
     bs = min(t.eval_batch_size, len(report))
     if bs < 1:
         raise DwmlError(f"{prepared}: valid split is empty")
-    # A fixed masking rate for validation (data.eval_mask_prob), so losses compare across training mask rates.
+    # A fixed masking rate for validation (data.eval_mask_prob) and BERT's 80/10/10, so losses compare across
+    # training mask rates and corruption splits.
     vstream = BatchStream(report, bs, seed=t.seed + 1, drop_last=False, vocab_size=vocab_size,
                           mask_prob=dcfg.eval_mask_prob)
     n_valid = max(1, min(t.eval_batches, math.ceil(len(report) / bs)))
