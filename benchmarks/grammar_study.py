@@ -52,6 +52,8 @@ VARIANTS: list[tuple[str, str, dict]] = [
      {"train.max_steps": 3400, "data.replace_mask": 1.0, "data.replace_random": 0.0}),
     ("mini_seq64", "mini_const30 on 64-token sequences, batch 64 (the same 4,096 positions a step): the short "
      "inputs BLiMP's sentences are", {"train.max_steps": 3400, "data.seq_len": 64, "train.batch_size": 64}),
+    ("mini_compile", "mini_const30 under torch.compile (inductor fuses the non-matmul ops: 1.14x the eager step, "
+     "benchmarks/bench_cpu_compile.py), 4,200 steps", {"train.max_steps": 4200, "train.compile": True}),
 ]
 PROBE_STEPS = 60
 TASKS = "blimp_filtered,blimp_supplement"
@@ -98,14 +100,24 @@ def evaluate(name: str, out: Path, threads: int, tasks: str = TASKS) -> tuple[di
     return json.loads(path.read_text()), time.perf_counter() - start
 
 
-def row(name: str, what: str, summary: dict, ev: dict, eval_s: float) -> dict:
-    m = ev["models"]["peer0"]
+def scores_of(name: str, root: Path) -> tuple[dict, float]:
+    """Every task score any `dwml eval` of the variant wrote (OUT/<variant>.eval.json and the screens
+    OUT/<variant>.<tasks>.eval.json), merged, and the seconds those evaluations took."""
+    scores, seconds = {}, 0.0
+    for path in sorted(root.glob(f"{name}.eval.json")) + sorted(root.glob(f"{name}.*.eval.json")):
+        ev = json.loads(path.read_text())
+        scores.update(ev["models"]["peer0"]["summary"])
+        seconds += ev["models"]["peer0"].get("seconds") or 0.0
+    return scores, seconds
+
+
+def row(name: str, what: str, summary: dict, scores: dict, eval_s: float) -> dict:
     peer = summary["peers"][0]
     return {"variant": name, "changes": what, "params": peer["params"], "steps": summary["steps"],
             "tokens": summary["train_tokens"], "epochs": summary["exposure"]["epochs"],
             "train_seconds": summary["train_seconds"], "valid_loss": peer["valid_loss"],
-            "unigram_entropy": summary["unigram_entropy"], "blimp_filtered": m["summary"].get("blimp_filtered"),
-            "supplement": m["summary"].get("blimp_supplement"), "blimp_fast": m["summary"].get("blimp_fast"),
+            "unigram_entropy": summary["unigram_entropy"], "blimp_filtered": scores.get("blimp_filtered"),
+            "supplement": scores.get("blimp_supplement"), "blimp_fast": scores.get("blimp_fast"),
             "eval_seconds": eval_s}
 
 
@@ -149,6 +161,10 @@ def main() -> int:
     rows = []
     for name, what, overrides in VARIANTS:
         if only and name not in only:
+            if (out_root / name / "final" / "summary.json").is_file():  # done earlier: its row, nothing rerun
+                summary = json.loads((out_root / name / "final" / "summary.json").read_text())
+                scores, eval_s = scores_of(name, out_root)
+                rows.append(row(name, what, summary, scores, eval_s))
             continue
         out = out_root / name
         recipe = {**RECIPE, **overrides}
@@ -157,8 +173,8 @@ def main() -> int:
         elif "train.max_steps" not in recipe:  # finished earlier: its own length
             recipe["train.max_steps"] = json.loads((out / "final" / "summary.json").read_text())["steps"]
         summary = run_variant(name, sets_of(recipe, args.data, out), out, args.threads)
-        ev, eval_s = evaluate(name, out, args.threads, args.tasks)
-        rows.append(row(name, what, summary, ev, eval_s))
+        evaluate(name, out, args.threads, args.tasks)
+        rows.append(row(name, what, summary, *scores_of(name, out_root)))
         print(table(rows[-1:], args.minutes), flush=True)
     text = table(rows, args.minutes)
     text += (f"\n\nBudget {args.minutes:g} min of training per variant on this machine ({os.cpu_count()} CPUs, "

@@ -54,17 +54,17 @@ def test_missing_config_file(tmp_path):
 
 
 def test_the_cpu_mlm_config_is_the_grammar_studys_winner(monkeypatch):
-    """configs/cpu-mlm-30min.toml is the recipe the study measured (benchmarks/grammar_study.py, mini_sched30):
+    """configs/cpu-mlm-30min.toml is the recipe the study measured (benchmarks/grammar_study.py, mini_compile):
     every training setting of that variant, and nothing that changes the model or its data, differs."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from grammar_study import RECIPE, VARIANTS
 
     cfg = load_config([str(ROOT / "configs" / "cpu-mlm-30min.toml")])
-    recipe = {**RECIPE, **dict((n, o) for n, _, o in VARIANTS)["mini_sched30"]}
+    recipe = {**RECIPE, **dict((n, o) for n, _, o in VARIANTS)["mini_compile"]}
     bookkeeping = {"train.progress", "train.log_every", "train.eval_every", "train.save_every"}
     for key, value in recipe.items():
         if key in bookkeeping:
             continue
         section, field = key.split(".")
         assert getattr(getattr(cfg, section), field) == value, key
-    assert cfg.data.mask_prob_end == 0.15 and cfg.train.max_steps * 32 * 128 / 3.4e6 < 10  # BabyLM's 10 epochs
+    assert cfg.train.compile and cfg.data.mask_prob_end == 0.0 and cfg.train.max_steps * 32 * 128 / 3.4e6 < 10  # BabyLM's 10 epochs
