@@ -27,7 +27,6 @@ from .tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 BERT_REPLACE = (0.8, 0.1)
 
 
-
 @dataclass
 class MaskedBatch:
     """input_ids/attention_mask (B, T) long; positions (N,) ascending flat indices into B*T of the masked tokens;
