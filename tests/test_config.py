@@ -54,13 +54,13 @@ def test_missing_config_file(tmp_path):
 
 
 def test_the_cpu_mlm_config_is_the_grammar_studys_winner(monkeypatch):
-    """configs/cpu-mlm-30min.toml is the recipe the study measured (benchmarks/grammar_study.py, mini_compile):
+    """configs/cpu-mlm-30min.toml is the recipe the study measured (benchmarks/grammar_study.py, mini_compile30):
     every training setting of that variant, and nothing that changes the model or its data, differs."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from grammar_study import RECIPE, VARIANTS
 
     cfg = load_config([str(ROOT / "configs" / "cpu-mlm-30min.toml")])
-    recipe = {**RECIPE, **dict((n, o) for n, _, o in VARIANTS)["mini_compile"]}
+    recipe = {**RECIPE, **dict((n, o) for n, _, o in VARIANTS)["mini_compile30"]}
     bookkeeping = {"train.progress", "train.log_every", "train.eval_every", "train.save_every"}
     for key, value in recipe.items():
         if key in bookkeeping:

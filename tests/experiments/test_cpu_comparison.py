@@ -23,6 +23,7 @@ def shrink(out: Path, corpus: Path, ref: Path) -> list[str]:
         "base.train.warmup_steps": 1, "base.train.eval_every": 2, "base.train.eval_batches": 3,
         "base.train.eval_batch_size": 8, "base.train.save_every": 4, "base.train.log_every": 2,
         "base.distill.outer_every": 2, "eval.tasks": ["blimp_fast", "supplement_fast", "ewok_fast"], "eval.limit": 1,
+        "runs.teacher.train.max_steps": 6, "runs.teacher.train.eval_every": 3,
     }
     return [f"{k}={json.dumps(v)}" for k, v in sets.items()]
 
@@ -38,8 +39,13 @@ def test_config_plans_every_baseline_on_the_searched_shapes(tmp_path):
     assert [a["hidden"] for a in plans["kd"].config.model.peers] == [archs[0]["hidden"]]
     assert plans["kd"].teacher_run == plans["kd_dwml"].teacher_run == "teacher"
     assert not plans["teacher"].config.model.peers and plans["teacher"].config.model.preset == "tiny"
-    budgets = {(p.config.train.max_steps, p.config.train.batch_size, p.config.data.seq_len) for p in plans.values()}
+    budgets = {(p.config.train.max_steps, p.config.train.batch_size, p.config.data.seq_len)
+               for p in plans.values() if p.name != "teacher"}
     assert len(budgets) == 1  # equal tokens per student
+    teacher = plans["teacher"].config
+    assert teacher.train.max_steps > plans["mlm"].config.train.max_steps  # the teacher trains longer...
+    assert (teacher.train.batch_size, teacher.data.seq_len) == (plans["mlm"].config.train.batch_size,
+                                                                plans["mlm"].config.data.seq_len)  # ...on the same stream
     assert cfg.eval.tasks == ["blimp_fast", "blimp_supplement", "ewok_fast"] and cfg.eval.limit == 0
 
 

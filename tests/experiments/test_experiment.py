@@ -128,6 +128,22 @@ def test_run_level_errors(tmp_path):
         load_experiment(write(tmp_path, CONFIG), sets=["out_dir=3"])
 
 
+def test_set_reaches_one_run_by_name(tmp_path):
+    path = write(tmp_path, CONFIG)
+    cfg = load_experiment(path, sets=["runs.teacher.train.max_steps=9", "runs.dwml.distill.alpha=0.7"])
+    plans = {p.name: p.config for p in plan_runs(cfg, tmp_path, tmp_path, ARCHS[:3])}
+    assert plans["teacher"].train.max_steps == 9 and plans["mlm"].train.max_steps == 5  # only the named run
+    assert plans["dwml"].distill.alpha == 0.7 and plans["dwml-alpha0.3"].distill.alpha == 0.3  # the sweep's axis wins
+    assert plans["kd"].distill.alpha == 0.5
+    for bad in ["runs.nope.train.max_steps=9", "runs.teacher=3"]:
+        with pytest.raises(DwmlError, match=r"--set runs\..*expected runs.NAME.key=value with NAME one of "
+                                            r"\['teacher', 'mlm', 'kd', 'dwml'\]"):
+            load_experiment(path, sets=[bad])
+    with pytest.raises(DwmlError, match=r"runs\[0\] \(teacher\).*max_step"):  # unknown keys still fail loudly
+        plan_runs(load_experiment(path, sets=["runs.teacher.train.max_step=9"]), tmp_path, tmp_path, ARCHS[:3])
+    assert main(["experiment", str(path), "--dry-run", "--set", "runs.nope.train.max_steps=1"]) == 2
+
+
 @pytest.mark.parametrize("name", ["experiment-tiny.toml", "babylm-10m.toml", "babylm-100m.toml",
                                   "ablation-tiny.toml"])
 def test_shipped_configs_load_and_plan(tmp_path, name):

@@ -222,3 +222,19 @@ def test_outer_table_lists_learned_omega_runs_with_their_median_ratio(results):
     for run in results["runs"]:
         run["omega_learned"] = False
     assert outer_table(results) == "" and "## Table 3" not in render_report(results)
+
+
+def test_budget_line_sets_a_teacher_apart(results):
+    text = render_report(results)
+    assert "All runs: 10 steps x 4 sequences x 1 accumulation x 32 tokens." in text and "Teacher `" not in text
+    teacher = run("teacher", "mlm", summary([1.0], [900_000], [4.0], learned=False), None, steps=40)
+    kd = run("kd", "kd", summary([1.0], [500_000], [4.5], learned=False), None)
+    kd["teacher_run"] = "teacher"
+    with_teacher = dict(results, runs=[teacher, kd] + results["runs"])
+    text = render_report(with_teacher)
+    assert "All students: 10 steps x 4 sequences x 1 accumulation x 32 tokens." in text
+    assert "Teacher `teacher` (of kd), trained first: 40 steps x 4 sequences x 1 accumulation x 32 tokens." in text
+    assert "do NOT share" not in text
+    # A student that differs from the others is still called out.
+    results["runs"][1]["budget"] = dict(results["runs"][1]["budget"], steps=11)
+    assert "Note: the runs do NOT share one budget: mlm: 10 steps" in render_report(results)

@@ -153,6 +153,7 @@ def run_record(plan: PlannedRun, summary: dict | None, evaluation: dict | None, 
         "alias_of": plan.alias_of,
         "sweep": plan.sweep,
         "teacher": rc.distill.teacher or None,
+        "teacher_run": plan.teacher_run,  # the run of this experiment that teaches this one, if any
         "budget": budget,
         "status": "done" if summary else "not trained",
     }

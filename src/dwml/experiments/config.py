@@ -116,11 +116,27 @@ TOP_KEYS = ("name", "out_dir", "description", "prepare", "data", "base", "search
 
 
 def load_experiment(path: str | Path, sets: list[str] | None = None) -> ExperimentConfig:
-    """Parse and validate an experiment TOML (+ `--set section.key=value` overrides)."""
+    """Parse and validate an experiment TOML (+ `--set section.key=value` overrides; `--set runs.NAME.key=value`
+    sets a key of the [[runs]] table named NAME, e.g. runs.teacher.train.max_steps=40)."""
     data = read_toml(path)
     for s in sets or []:
-        data = merge(data, parse_set(s))
+        data = _merge_set(data, parse_set(s), s, str(path))
     return parse_experiment(data, str(path))
+
+
+def _merge_set(data: dict, override: dict, expr: str, where: str) -> dict:
+    runs = override.get("runs")
+    if not isinstance(runs, dict):
+        return merge(data, override)
+    require(isinstance(data.get("runs"), list), f"--set {expr}: {where} has no [[runs]] tables")
+    names = [r.get("name") for r in data["runs"] if isinstance(r, dict)]
+    data = dict(data, runs=list(data["runs"]))
+    for name, table in runs.items():
+        require(name in names and isinstance(table, dict),
+                f"--set {expr}: expected runs.NAME.key=value with NAME one of {names}")
+        i = names.index(name)
+        data["runs"][i] = merge(data["runs"][i], table)
+    return data
 
 
 def parse_experiment(data: dict, where: str = "experiment") -> ExperimentConfig:

@@ -26,7 +26,9 @@ finished. A run directory holding another configuration is an error, never silen
 
 Same data and budget: every run trains on the same prepared data, with the same steps, batch size, gradient
 accumulation and sequence length (all from [base]; the data stream is seeded by train.seed, so every run sees the
-same batches and masks). Every student therefore sees the same tokens. Compute is *not* equalised: a run of M peers
+same batches and masks). Every student therefore sees the same tokens. A run that only teaches others (`teacher =
+"run:NAME"`) may set its own train.max_steps: the report gives its budget apart, and its words count toward its
+students' exposure, as BabyLM counts a teacher's data. Compute is *not* equalised: a run of M peers
 trains M networks (plus, for DWML, an outer omega step every K steps) and kd runs a teacher forward. The report lists
 tokens and analytic and measured FLOPs per run (Table 9) so these differences are visible next to the accuracies.
 
@@ -96,6 +98,9 @@ def run_experiment(cfg: ExperimentConfig, *, only: list[str] | None = None, repo
     log("collecting results, measuring FLOPs of one step per run")
     results = collect(cfg, plans, exp_dir, prepared, peer_archs, extra={"host": host})
     results["wall_time_s"] = time.perf_counter() - start
+    if report_only:  # keep the wall time of the invocation that trained, which --report-only would otherwise lose
+        before = read_json_or_none(exp_dir / "results.json") or {}
+        results["trained_wall_time_s"] = before.get("trained_wall_time_s") or before.get("wall_time_s")
     try:
         results["host"]["load_avg_end"] = list(os.getloadavg())
     except OSError:

@@ -235,6 +235,29 @@ def _seq_len(results: dict) -> int:
     return results["runs"][0]["budget"]["seq_len"] if results["runs"] else 1
 
 
+def _budget(r: dict) -> str:
+    b = r["budget"]
+    return f"{b['steps']} steps x {b['batch_size']} sequences x {b['grad_accum']} accumulation x {b['seq_len']} tokens"
+
+
+def _budget_lines(runs: list[dict]) -> list[str]:
+    """The students' shared budget, and apart from it that of runs that only teach others (a KD teacher may train
+    longer than its students: its compute is not the students', and its words are counted in the Exposure table)."""
+    teaching = {r["teacher_run"] for r in runs if r.get("teacher_run")}
+    students = [r for r in runs if r["name"] not in teaching]
+    out = []
+    if len({_budget(r) for r in students}) == 1:
+        out.append(f"All {'students' if teaching else 'runs'}: {_budget(students[0])}.")
+    elif students:
+        out.append("Note: the runs do NOT share one budget: "
+                   + "; ".join(f"{r['name']}: {_budget(r)}" for r in students) + ".")
+    for r in runs:
+        if r["name"] in teaching:
+            users = ", ".join(u["name"] for u in runs if u.get("teacher_run") == r["name"])
+            out.append(f"Teacher `{r['name']}` (of {users}), trained first: {_budget(r)}.")
+    return out
+
+
 def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
     """The whole report.md (figures: {kind: relative path} of the images written)."""
     figures = figures or {}
@@ -249,6 +272,8 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
                + (f", not trained yet: {', '.join(pending)}" if pending else "")
                + (f"; this invocation took {results['wall_time_s']:.0f} s (finished stages are skipped)"
                   if results.get("wall_time_s") is not None else "")
+               + (f" - the report was rewritten with --report-only from an invocation that took "
+                  f"{results['trained_wall_time_s']:.0f} s" if results.get("trained_wall_time_s") else "")
                + (f"; training wall time summed over runs {train_s:.0f} s" if train_s else "")
                + ".")
     host = results.get("host") or {}
@@ -265,21 +290,13 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
             "of a model that has learned token frequencies only; column Plateau exit = the first validation step "
             "with a loss 0.5 nats below it (never: the model did not get there).",
             "",
-            "Same data and budget: every run trains on these data with the same steps, batch, gradient accumulation "
-            "and sequence length, and the same seeded batch and mask stream, so every student sees the same tokens "
+            "Same data and budget: every student trains on these data with the same steps, batch, gradient "
+            "accumulation and sequence length, and the same seeded batch and mask stream, so it sees the same tokens "
             f"(column Tokens/student of Table 9: positions computed on, B x T per sequence; "
             f"{100 * d['mean_sequence_length'] / max(1, _seq_len(results)):.0f}% of them are real tokens, the rest "
             "padding of packed sequences). Compute is not equalised: an M-peer run trains M networks (and "
             "DWML adds an outer ω step every K steps), kd adds a teacher forward; Table 9 gives the FLOPs."]
-    budgets = {(r["budget"]["steps"], r["budget"]["batch_size"], r["budget"]["grad_accum"], r["budget"]["seq_len"])
-               for r in results["runs"]}
-    if len(budgets) == 1:
-        steps, bs, ga, sl = budgets.pop()
-        out.append(f"All runs: {steps} steps x {bs} sequences x {ga} accumulation x {sl} tokens.")
-    else:
-        out.append("Note: the runs do NOT share one budget: " + "; ".join(
-            f"{r['name']}: {r['budget']['steps']} steps x {r['budget']['batch_size']} x {r['budget']['grad_accum']} "
-            f"x {r['budget']['seq_len']}" for r in results["runs"]))
+    out += _budget_lines(results["runs"])
     if results.get("search"):
         s = results["search"]
         out.append(f"Peers: Bayesian-optimisation search below the reference {s['reference']['name']} "
