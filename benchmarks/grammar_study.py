@@ -56,8 +56,6 @@ VARIANTS: list[tuple[str, str, dict]] = [
      "benchmarks/bench_cpu_compile.py), 4,200 steps", {"train.max_steps": 4200, "train.compile": True}),
     ("mini_compile30", "mini_compile at 3,700 steps: what 30 minutes hold at its measured 0.46 s/step",
      {"train.max_steps": 3700, "train.compile": True}),
-    ("mini_compile30_lr3", "mini_compile30 at peak lr 3e-3 (tiny's) instead of 2e-3",
-     {"train.max_steps": 3700, "train.compile": True, "train.lr": 3e-3}),
 ]
 PROBE_STEPS = 60
 TASKS = "blimp_filtered,blimp_supplement"
