@@ -253,6 +253,10 @@ def test_tiny_experiment_end_to_end(tiny_prepared, tmp_path, shared_data):
     again = run_experiment(load_experiment(path), log=lambda s: None)
     assert {f: (out / f).stat().st_mtime_ns for f in before} == before
     assert [r.get("models") for r in again["runs"]] == [r.get("models") for r in results["runs"]]
+    # --report-only rewrites the report and keeps the wall time of the invocation that trained.
+    redone = run_experiment(load_experiment(path), report_only=True, log=lambda s: None)
+    assert redone["trained_wall_time_s"] == pytest.approx(again["wall_time_s"])
+    assert f"from an invocation that took {again['wall_time_s']:.0f} s" in (out / "report.md").read_text()
     # A run trained again (newer final/summary.json) gets evaluated and measured again: no stale numbers.
     summary = out / "mlm" / "final" / "summary.json"
     os.utime(summary, ns=(summary.stat().st_atime_ns, (out / "eval_mlm.json").stat().st_mtime_ns + 10**9))

@@ -129,7 +129,7 @@ def _merge_set(data: dict, override: dict, expr: str, where: str) -> dict:
     if not isinstance(runs, dict):
         return merge(data, override)
     require(isinstance(data.get("runs"), list), f"--set {expr}: {where} has no [[runs]] tables")
-    names = [r.get("name") for r in data["runs"] if isinstance(r, dict)]
+    names = [r.get("name") if isinstance(r, dict) else None for r in data["runs"]]  # aligned with data["runs"]
     data = dict(data, runs=list(data["runs"]))
     for name, table in runs.items():
         require(name in names and isinstance(table, dict),
