@@ -49,7 +49,9 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
         pytest.skip("no glibc mallopt here")
     default, kept = _faults_per_step("0"), _faults_per_step("1")
     print(f"\nminor page faults per step: glibc default {default:.0f}, kept {kept:.0f}")
-    assert default > 1000 and kept < default / 3, (default, kept)
+    # Measured: default 630 (CI) to 6,663 faults, kept 3 to 353: how much glibc's own dynamic mmap threshold keeps
+    # varies by machine, so the default is only required to fault measurably and the kept heap to fault 3x less
+    assert default > 100 and kept < default / 3, (default, kept)
 
 
 def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function():
