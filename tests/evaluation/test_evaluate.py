@@ -143,6 +143,22 @@ def test_run_with_ensemble(tmp_path, tok):
         "peer0", "peer1"]
 
 
+def test_models_selects_peers_of_a_run(tmp_path, tok):
+    """`models` scores only the named peers, with the same scores as a full evaluation; the ensemble needs them all."""
+    run = save_run(tmp_path / "run", tok, seeds=[3, 4], omega=[0.5, 0.5])
+    full = evaluate_path(run, "supplement_fast", limit=2, device="cpu", data_dir=EVAL_DATA)
+    one = evaluate_path(run, "supplement_fast", limit=2, device="cpu", data_dir=EVAL_DATA, models=["peer1"])
+    assert list(one["models"]) == ["peer1"]
+    for res in (one, full):
+        res["models"]["peer1"]["tasks"]["supplement_fast"].pop("seconds")
+    assert one["models"]["peer1"]["tasks"] == full["models"]["peer1"]["tasks"]
+    both = evaluate_path(run, "supplement_fast", limit=1, device="cpu", data_dir=EVAL_DATA, models=["peer1", "peer0"])
+    assert list(both["models"]) == ["peer0", "peer1", "ensemble"]
+    for bad in (["peer2"], [], ["peer0", "peer0"]):
+        with pytest.raises(DwmlError, match="--models"):
+            evaluate_path(run, "supplement_fast", limit=1, device="cpu", data_dir=EVAL_DATA, models=bad)
+
+
 def test_texts_are_tokenised_once_for_all_models_of_a_run(tmp_path, tok, monkeypatch):
     """Peers and ensemble of one evaluation share the masked copies: one tokenisation per task, not per model."""
     import dwml.evaluation.scoring as scoring

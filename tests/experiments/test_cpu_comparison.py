@@ -42,11 +42,13 @@ def test_config_plans_every_baseline_on_the_searched_shapes(tmp_path):
     budgets = {(p.config.train.max_steps, p.config.train.batch_size, p.config.data.seq_len)
                for p in plans.values() if p.name != "teacher"}
     assert len(budgets) == 1  # equal tokens per student
-    teacher = plans["teacher"].config
-    assert teacher.train.max_steps > plans["mlm"].config.train.max_steps  # the teacher trains longer...
-    assert (teacher.train.batch_size, teacher.data.seq_len) == (plans["mlm"].config.train.batch_size,
-                                                                plans["mlm"].config.data.seq_len)  # ...on the same stream
+    teacher, student = plans["teacher"].config, plans["mlm"].config
+    positions = lambda c: c.train.max_steps * c.train.batch_size * c.data.seq_len  # noqa: E731
+    assert positions(teacher) > 5 * positions(student)  # the teacher trains longer, on the same sequence length
+    assert teacher.data.seq_len == student.data.seq_len and teacher.train.eval_batches == student.train.eval_batches
+    assert teacher.train.eval_batch_size == student.train.eval_batch_size  # the same validation set for every run
     assert cfg.eval.tasks == ["blimp_fast", "blimp_supplement", "ewok_fast"] and cfg.eval.limit == 0
+    assert cfg.eval.peers == "best_loss" and not cfg.eval.ensemble
 
 
 def test_peer_and_peers_are_exclusive(tmp_path):
@@ -74,16 +76,25 @@ def test_cpu_comparison_end_to_end_shrunk(tiny_corpus, tmp_path, shared_data, ca
 
     rows = results["comparisons"]["rows"]
     pairs = {(r["run"], r["model"], r["baseline"]) for r in rows}
+    by_key = {(r["run"], r["model"], r["baseline"]): r for r in rows}
+    tasks = {"blimp_fast", "supplement_fast", "ewok_fast"}
     for run in ("dml", "dwml", "kd_dwml"):
         for i in range(2):
             assert (run, f"peer{i}", "mlm_same_shape") in pairs
             assert (run, f"peer{i}", "kd") in pairs
         assert (run, "ensemble", "kd") in pairs  # on loss: the ensemble has a validation loss, not scores
+        # eval.peers = best_loss: only the peer with the lowest validation loss is scored, and it is the best peer
+        losses = [m["valid_loss"] for m in runs[run]["models"] if m["name"] != "ensemble"]
+        best = f"peer{losses.index(min(losses))}"
+        assert sorted(json.loads((out / f"eval_{run}.json").read_text())["models"]) == [best]
+        assert runs[run]["best"] == best
+        for i in range(2):
+            scored = set(by_key[(run, f"peer{i}", "mlm_same_shape")]["measures"])
+            assert scored == ({"valid_loss"} | tasks if f"peer{i}" == best else {"valid_loss"}), (run, i)
     assert ("kd", "peer0", "mlm_same_shape") in pairs and ("kd", "peer0", "kd") not in pairs
-    by_key = {(r["run"], r["model"], r["baseline"]): r for r in rows}
+    assert set(by_key[("kd", "peer0", "mlm_same_shape")]["measures"]) == {"valid_loss"} | tasks
     dwml_vs_mlm = by_key[("dwml", "peer1", "mlm_same_shape")]
     assert dwml_vs_mlm["baseline_run"] == "mlm-peer2"
-    assert set(dwml_vs_mlm["measures"]) == {"valid_loss", "blimp_fast", "supplement_fast", "ewok_fast"}
     loss = dwml_vs_mlm["measures"]["valid_loss"]
     mine = runs["dwml"]["models"][1]["valid_loss"]
     theirs = runs["mlm-peer2"]["models"][0]["valid_loss"]
@@ -93,6 +104,7 @@ def test_cpu_comparison_end_to_end_shrunk(tiny_corpus, tmp_path, shared_data, ca
 
     report = (out / "report.md").read_text()
     assert "Each method against MLM of the same shape and against KD" in report
+    assert "only the peer with the lowest validation loss is scored" in report
     assert "| dwml/peer1 | dwml |" in report and "MLM, same shape (`mlm-peer2`)" in report
     for fig in ("omega", "valid_loss", "blimp_fields"):
         assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG", fig

@@ -109,6 +109,15 @@ def load_masked_lm(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def select_models(entries: list[tuple[str, Path]], names: Sequence[str], path: str | Path) -> list[tuple[str, Path]]:
+    """The entries named in `names` (in the run's order); an unknown or repeated name, or none at all, fails."""
+    known = [n for n, _ in entries]
+    bad = [n for n in names if n not in known]
+    if bad or not names or len(set(names)) < len(names):
+        raise DwmlError(f"--models: {path} has models {known}; got {list(names)}")
+    return [e for e in entries if e[0] in names]
+
+
 def find_models(path: str | Path) -> tuple[list[tuple[str, Path]], list[float] | None]:
     """[(name, model dir)] and omega (None for a plain model folder).
 
@@ -153,8 +162,12 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
                   limit: int | None = None, data_dir: str | Path | None = None, ensemble: bool = True,
                   out_file: str | Path | None = None, log: Callable[[str], None] | None = None,
                   precision: str = "fp32", ewok_pairing: str = EWOK_PAIRINGS[0],
-                  reference_data: str | Path | None = None, reference: bool = True) -> dict:
+                  reference_data: str | Path | None = None, reference: bool = True,
+                  models: Sequence[str] | None = None) -> dict:
     """Evaluate a model folder, or every peer and the omega-weighted ensemble of a DWML run.
+
+    `models` (a run only): score just these peers (`peer0`, ...); the ensemble, which needs every peer, is then
+    scored only when all of them are named.
 
     `out_file` also writes the result there as JSON (atomically). The texts are tokenised and their masked copies
     built once for all models (`dwml.evaluation.scoring.cached_masked_copies`).
@@ -178,6 +191,8 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     task_pairs = {t: load_babylm_task(t, data_dir, limit) if is_babylm_task(t) else
                   load_task(t, data_dir, limit, ewok_pairing) for t in task_names}
     entries, omega = find_models(path)
+    if models is not None:
+        entries = select_models(entries, models, path)
     result = {"path": str(path), "kind": "run" if omega is not None else "model", "method": method,
               "precision": precision, "ewok_pairing": ewok_pairing, "ties_count_as": TIES_RULE,
               "tasks": task_names, "limit": limit, "data_dir": str(data_dir), "device": str(dev),
@@ -202,7 +217,7 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
                                   "seconds": round(time.perf_counter() - start, 3)}
 
     loaded = [(name, *load_masked_lm(folder, dev)) for name, folder in entries]
-    with_ensemble = ensemble and omega is not None and len(loaded) > 1
+    with_ensemble = ensemble and omega is not None and len(loaded) == len(omega) > 1
     if with_ensemble:  # fail before any scoring
         _check_same_vocab([(n, t) for n, _, t in loaded])
     for name, model, tokenizer in loaded:
@@ -311,6 +326,8 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N pairs of every file (quick runs)")
     p.add_argument("--data-dir", default=None, help="eval data root (default: ../shared/data/eval or $DWML_EVAL_DATA)")
     p.add_argument("--no-ensemble", action="store_true", help="for a run: evaluate the peers only")
+    p.add_argument("--models", default=None,
+                   help="for a run: comma-separated peers to score (e.g. peer0); the ensemble only if all are named")
     p.add_argument("--no-groups", action="store_true", help="print only the summary table")
     p.add_argument("--reference-data", default=None,
                    help="prepared data (`dwml prepare` output) whose train token counts give the reference lines "
@@ -325,7 +342,8 @@ def run_eval(args: argparse.Namespace) -> int:
                            device=args.device, limit=args.limit, data_dir=args.data_dir, ensemble=not args.no_ensemble,
                            out_file=args.out, log=lambda s: print(s, file=sys.stderr, flush=True),
                            precision=args.precision, ewok_pairing=args.ewok_pairing,
-                           reference_data=args.reference_data, reference=not args.no_reference)
+                           reference_data=args.reference_data, reference=not args.no_reference,
+                           models=None if args.models is None else [m.strip() for m in args.models.split(",")])
     print(format_report(result, groups=not args.no_groups))
     if args.out:
         print(f"\nwrote {args.out}")

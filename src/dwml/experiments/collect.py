@@ -221,7 +221,7 @@ def collect(cfg: ExperimentConfig, plans: list[PlannedRun], exp_dir: Path, prepa
         "out_dir": str(exp_dir),
         "data": stats,
         "search": read_json_or_none(exp_dir / "peers.json") if peer_archs is not None else None,
-        "eval": eval_settings(cfg) if cfg.eval.enabled else None,
+        "eval": {**eval_settings(cfg), "peers": cfg.eval.peers} if cfg.eval.enabled else None,
         "reference": reference_lines(cfg, prepared),
         "finetune": ({"tasks": list(cfg.finetune.tasks), "epochs": cfg.finetune.epochs,
                       "max_train_examples": cfg.finetune.max_train_examples,

@@ -63,7 +63,8 @@ class EvalSection:
     method: str = "pll"  # pll | pll_word_l2r
     precision: str = "fp32"  # fp32 (true fp32: the numbers to report) | bf16 (autocast, faster on GPUs)
     ewok_pairing: str = "targets"  # targets (BabyLM: C1+T1 vs C1+T2) | contexts (T1 after C1 vs after C2)
-    ensemble: bool = True  # also score the omega-weighted ensemble of multi-peer runs
+    ensemble: bool = True  # also score the omega-weighted ensemble of multi-peer runs (only with peers = "all")
+    peers: str = "all"  # all | best_loss: of a multi-peer run, score only the peer with the lowest validation loss
     token_budget: int = 0  # 0 = the scorer's default
     device: str = "auto"
 
@@ -219,6 +220,8 @@ def parse_experiment(data: dict, where: str = "experiment") -> ExperimentConfig:
     require(cfg.eval.precision in PRECISIONS, f"{where}: eval.precision: expected one of {list(PRECISIONS)}")
     require(cfg.eval.ewok_pairing in EWOK_PAIRINGS,
             f"{where}: eval.ewok_pairing: expected one of {list(EWOK_PAIRINGS)}")
+    require(cfg.eval.peers in ("all", "best_loss"),
+            f"{where}: eval.peers: expected all|best_loss, got {cfg.eval.peers!r}")
     require(cfg.eval.limit >= 0, f"{where}: eval.limit: expected 0 (all) or a number of pairs per file")
 
     if "finetune" in data:

@@ -93,7 +93,7 @@ def run_experiment(cfg: ExperimentConfig, *, only: list[str] | None = None, repo
                 teacher = Path(by_name[plan.teacher_run].config.out_dir) / "final" / "summary.json"
                 require(teacher.is_file(), f"run {plan.name}: its teacher run {plan.teacher_run!r} is not trained")
             summary = train_stage(plan, exp_dir, log)
-            evaluation = eval_stage(cfg, plan, exp_dir, log)
+            evaluation = eval_stage(cfg, plan, exp_dir, summary, log)
             finetune_stage(cfg, plan, exp_dir, summary, evaluation, log)
     log("collecting results, measuring FLOPs of one step per run")
     results = collect(cfg, plans, exp_dir, prepared, peer_archs, extra={"host": host})

@@ -310,7 +310,10 @@ def render_report(results: dict, figures: dict[str, str] | None = None) -> str:
                    + (f"first {ev['limit']} pairs of every file" if ev.get("limit") else "all pairs")
                    + f"; precision {ev.get('precision', 'fp32')}, EWoK pairing {ev.get('ewok_pairing', 'contexts')}"
                    + "; macro accuracy over groups (%); a tie counts correct, as in BabyLM's pipeline (Strict mean: "
-                   "ties wrong; Ties: tied pairs over all tasks).")
+                   "ties wrong; Ties: tied pairs over all tasks)."
+                   + (" Of each multi-peer run only the peer with the lowest validation loss is scored (eval.peers = "
+                      "best_loss): it is the run's best peer ★, the others and the ensemble show – for zero-shot."
+                      if ev.get("peers") == "best_loss" else ""))
         if any(score_metric(c) != "accuracy" for c in _tasks(results)):
             out.append("WUG columns: Spearman's ρ (×100) between the model's and the humans' preference; Reading "
                        "columns: the gain in R² that surprisal adds to BabyLM's OLS baseline, in % of the possible "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,21 +145,35 @@ def eval_settings(cfg: ExperimentConfig) -> dict:
             "ewok_pairing": e.ewok_pairing}
 
 
-def eval_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, log: Callable[[str], None]) -> dict | None:
+def models_to_score(cfg: ExperimentConfig, summary: dict) -> list[str] | None:
+    """The peers `eval.peers` asks for: None = all (and the ensemble); best_loss = the one peer of a multi-peer run
+    with the lowest final validation loss, chosen before any scoring (a run's best peer is otherwise chosen by
+    zero-shot accuracy, which needs every peer scored)."""
+    peers = summary["peers"]
+    if cfg.eval.peers == "all" or len(peers) == 1:
+        return None
+    losses = [p["valid_loss"] if p.get("valid_loss") is not None else math.inf for p in peers]
+    return [f"peer{losses.index(min(losses))}"]
+
+
+def eval_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summary: dict,
+               log: Callable[[str], None]) -> dict | None:
     if not cfg.eval.enabled:
         return None
     path = exp_dir / f"eval_{plan.name}.json"
     old = fresh_output(path, plan)
-    want = eval_settings(cfg)
-    if old is not None and {k: old.get(k) for k in want} == want:
+    want, models = eval_settings(cfg), models_to_score(cfg, summary)
+    if old is not None and {k: old.get(k) for k in want} == want and (
+            models is None or sorted(old.get("models", {})) == models):
         return old
     from ..evaluation.evaluate import evaluate_path
 
     e = cfg.eval
-    log(f"run {plan.name}: zero-shot eval on {', '.join(e.tasks)}" + (f" (limit {e.limit})" if e.limit else ""))
+    log(f"run {plan.name}: zero-shot eval on {', '.join(e.tasks)}" + (f" (limit {e.limit})" if e.limit else "")
+        + (f", {models[0]} only (lowest validation loss)" if models else ""))
     return evaluate_path(plan.config.out_dir, e.tasks, method=e.method, token_budget=e.token_budget or None,
                          device=e.device, limit=e.limit or None, ensemble=e.ensemble, out_file=path,
-                         precision=e.precision, ewok_pairing=e.ewok_pairing)
+                         precision=e.precision, ewok_pairing=e.ewok_pairing, models=models)
 
 
 def finetune_stage(cfg: ExperimentConfig, plan: PlannedRun, exp_dir: Path, summary: dict, evaluation: dict | None,
