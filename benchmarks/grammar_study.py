@@ -56,6 +56,9 @@ VARIANTS: list[tuple[str, str, dict]] = [
      "benchmarks/bench_cpu_compile.py), 4,200 steps", {"train.max_steps": 4200, "train.compile": True}),
     ("mini_compile30", "mini_compile at 3,700 steps: what 30 minutes hold at its measured 0.46 s/step",
      {"train.max_steps": 3700, "train.compile": True}),
+    ("mini_newline30", "mini_compile30 with utterances separated by the newline token, not </s> (data.separator): "
+     "the form of the supplement's dialogue pairs", {"train.max_steps": 3700, "train.compile": True,
+                                                     "data.separator": "newline"}),
 ]
 PROBE_STEPS = 60
 TASKS = "blimp_filtered,blimp_supplement"

@@ -39,6 +39,7 @@ def test_resolved_config_roundtrips(tmp_path):
         ("[train]\nmethod = 'magic'\n", r"unknown method 'magic'"),
         ("[train]\nmethod = 'kd'\n", r"needs a teacher"),
         ("[train\n", r"invalid TOML"),
+        ("[data]\nseparator = 'tab'\n", r"data.separator: expected eos\|newline, got 'tab'"),
     ],
 )
 def test_bad_configs_fail_loudly(tmp_path, text, match):

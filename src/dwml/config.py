@@ -58,6 +58,11 @@ class DataConfig:
     # "no unmasking" is 1.0 / 0.0. Validation keeps BERT's split, so valid losses compare across recipes.
     replace_mask: float = 0.8
     replace_random: float = 0.1
+    # What ends each utterance (document) of a packed sequence but the last: "eos" (`<s> u1 </s> u2 </s>`) or
+    # "newline" (`<s> u1 \n u2 </s>`: the tokenizer's newline token, the separator of BabyLM's dialogue pairs -
+    # qa_congruence, turn_taking - which an "eos" model only ever sees there, as an untrained embedding). The newline
+    # is a real token (masked and predicted like the others), so losses do not compare across the two.
+    separator: str = "eos"
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
     #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
@@ -195,6 +200,8 @@ class RunConfig:
         if t.tensorboard:
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
+        _check(self.data.separator in ("eos", "newline"),
+               f"data.separator: expected eos|newline, got {self.data.separator!r}")
         check_family(self.model.family, "model.family")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(self.data.mask_prob_end == 0.0 or 0.0 < self.data.mask_prob_end < 1.0,

@@ -191,6 +191,29 @@ def test_gather_equals_per_sequence_collate(tiny_prepared):
         seqs.gather(np.array([len(seqs)]), pad_id=1)
 
 
+def test_newline_separator_replaces_inner_eos_only(tiny_prepared):
+    """data.separator = "newline": the tokenizer's one-token newline ends every utterance of a packed sequence but the
+    last, which keeps </s>; everything else (tokens, lengths) is the </s> packing's, and gather agrees with [i]."""
+    from dwml.data.tokenizer import load_raw, newline_id
+
+    nl = newline_id(tiny_prepared / "tokenizer")
+    assert load_raw(tiny_prepared / "tokenizer").decode([nl]) == "\n" and nl >= 4
+    plain, sep = PackedSequences(tiny_prepared, "train", 48), PackedSequences(tiny_prepared, "train", 48, nl)
+    assert not any(np.any(plain[i] == nl) for i in range(len(plain)))  # the prepared text holds no newline
+    inner = 0
+    for i in range(len(plain)):
+        a, b = plain[i], sep[i]
+        assert len(a) == len(b) and b[0] == 0 and b[-1] == 2 and not np.any(b[1:-1] == 2)
+        assert np.array_equal(b == nl, (a == 2) & (np.arange(len(a)) < len(a) - 1))
+        assert np.array_equal(np.where(b == nl, 2, b), a)
+        inner += int((b == nl).sum())
+    assert inner > len(plain) // 2  # many sequences hold several utterances
+    idx = np.random.default_rng(1).permutation(len(sep))[:9]
+    ids, lengths = sep.gather(idx, pad_id=1)
+    ref_ids, ref_mask = collate([sep[int(i)] for i in idx], pad_id=1)
+    assert np.array_equal(ids, ref_ids.numpy()) and np.array_equal(lengths, ref_mask.sum(1).numpy())
+
+
 def test_masks_depend_on_the_sequence_not_the_batch(tiny_prepared):
     """A sequence is masked the same way in any batch size or padded width (hence on any DDP rank split)."""
     seqs = PackedSequences(tiny_prepared, "train", 48)

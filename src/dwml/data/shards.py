@@ -256,12 +256,18 @@ def pack_index(offsets: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarra
 
 
 class PackedSequences:
-    """Training sequences of one prepared split; `seqs[i]` is an int64 array `<s> doc </s> doc </s> ...`."""
+    """Training sequences of one prepared split; `seqs[i]` is an int64 array `<s> doc </s> doc </s> ...`.
 
-    def __init__(self, prepared_dir: str | Path, split: str, seq_len: int):
+    `separator` (a token id) ends every piece but a sequence's last in its place: `<s> doc \n doc \n doc </s>` with
+    the tokenizer's newline token, the form BabyLM's dialogue pairs take ("What did you get?\nI got a chair."; see
+    `dwml.data.tokenizer.newline_id`). The sequences' lengths do not change.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, seq_len: int, separator: int | None = None):
         t0 = time.perf_counter()
         self.shard = Shard(prepared_dir, split)
         self.seq_len = seq_len
+        self.separator = EOS_ID if separator is None else int(separator)
         self.piece_offsets, self.piece_lengths, self.bounds = pack_index(self.shard.offsets, seq_len)
         self.build_seconds = time.perf_counter() - t0
         if len(self) == 0:
@@ -280,8 +286,8 @@ class PackedSequences:
         tokens = np.asarray(self.shard.tokens[start:stop], dtype=np.int64)
         # Pieces of a sequence are contiguous in the shard: put <s> in front and </s> after every piece.
         where = np.concatenate([[0], np.cumsum(self.piece_lengths[p0:p1])])
-        values = np.full(where.size, EOS_ID, dtype=np.int64)
-        values[0] = BOS_ID
+        values = np.full(where.size, self.separator, dtype=np.int64)
+        values[0], values[-1] = BOS_ID, EOS_ID
         return np.insert(tokens, where, values)
 
     def gather(self, indices: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +313,9 @@ class PackedSequences:
         ids[:, 0] = BOS_ID
         ids[np.repeat(rows, plen), np.repeat(col, plen) + within] = \
             self.shard.tokens[np.repeat(self.piece_offsets[piece], plen) + within]
-        ids[rows, col + plen] = EOS_ID
+        last = np.zeros(rows.size, dtype=bool)
+        last[np.cumsum(per_row) - 1] = True  # a row's last piece ends with </s>, the others with the separator
+        ids[rows, col + plen] = np.where(last, EOS_ID, self.separator)
         return ids, lengths
 
     def lengths(self) -> np.ndarray:

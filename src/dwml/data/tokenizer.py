@@ -171,6 +171,16 @@ def load_raw(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
+def newline_id(path: str | Path) -> int:
+    """The id of the token a saved tokenizer gives "\n" alone (the byte-level "Ċ"): the utterance separator of
+    `data.separator = "newline"`. Fails unless "\n" is exactly one token."""
+    ids = load_raw(path).encode("\n", add_special_tokens=False).ids
+    if len(ids) != 1:
+        raise DwmlError(f"{path}: the tokenizer splits a newline into {len(ids)} tokens {ids}; data.separator = "
+                        "\"newline\" needs exactly one")
+    return ids[0]
+
+
 def load_tokenizer(path: str | Path):
     """`AutoTokenizer.from_pretrained(path)`, checked to run the saved normalizer (see the module docstring)."""
     from transformers import AutoTokenizer
