@@ -59,6 +59,17 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("mini_newline30", "mini_compile30 with utterances separated by the newline token, not </s> (data.separator): "
      "the form of the supplement's dialogue pairs", {"train.max_steps": 3700, "train.compile": True,
                                                      "data.separator": "newline"}),
+    ("mini_newline30_s1", "mini_newline30 with train.seed = 1 (initialisation, masks and batch order): how far a "
+     "seed alone moves the two scores", {"train.max_steps": 3700, "train.compile": True,
+                                         "data.separator": "newline", "train.seed": 1}),
+    ("mini_mixed30", "mini_compile30 with half of the utterances ended by the newline, half by </s> "
+     "(data.separator = mixed): the dialogue form and BLiMP's <s> sentence </s> in one model",
+     {"train.max_steps": 3700, "train.compile": True, "data.separator": "mixed"}),
+    ("mini_dialogue30", "mini_compile30 with the newline between the utterances of the dialogue corpora (CHILDES, "
+     "Switchboard: turns, as in the supplement's pairs) and </s> between the sentences of prose (CBT, stories, "
+     "Wikipedia; data.separator_sources)",
+     {"train.max_steps": 3700, "train.compile": True, "data.separator": "newline",
+      "data.separator_sources": ["aochildes", "switchboard", "aochildes_cds_gloss", "childes_en_validation_random"]}),
 ]
 PROBE_STEPS = 60
 TASKS = "blimp_filtered,blimp_supplement"

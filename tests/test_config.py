@@ -39,7 +39,9 @@ def test_resolved_config_roundtrips(tmp_path):
         ("[train]\nmethod = 'magic'\n", r"unknown method 'magic'"),
         ("[train]\nmethod = 'kd'\n", r"needs a teacher"),
         ("[train\n", r"invalid TOML"),
-        ("[data]\nseparator = 'tab'\n", r"data.separator: expected eos\|newline, got 'tab'"),
+        ("[data]\nseparator = 'tab'\n", r"data.separator: expected eos\|newline\|mixed, got 'tab'"),
+        ("[data]\nseparator_sources = ['cbt']\n", r"data.separator_sources: only with data.separator = newline"),
+        ("[data]\nseparator = 'newline'\nseparator_sources = [3]\n", r"data.separator_sources: expected source"),
     ],
 )
 def test_bad_configs_fail_loudly(tmp_path, text, match):

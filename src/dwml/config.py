@@ -61,8 +61,14 @@ class DataConfig:
     # What ends each utterance (document) of a packed sequence but the last: "eos" (`<s> u1 </s> u2 </s>`) or
     # "newline" (`<s> u1 \n u2 </s>`: the tokenizer's newline token, the separator of BabyLM's dialogue pairs -
     # qa_congruence, turn_taking - which an "eos" model only ever sees there, as an untrained embedding). The newline
-    # is a real token (masked and predicted like the others), so losses do not compare across the two.
+    # is a real token (masked and predicted like the others), so losses do not compare across the two. "mixed": the
+    # newline after half of the utterances (a fixed hash of each one's index), </s> after the others, so that a
+    # model knows both the dialogue form and BLiMP's `<s> sentence </s>`.
     separator: str = "eos"
+    # Names of prepared sources (`dwml prepare`'s meta.json, one per corpus file) whose utterances alone take the
+    # newline of "newline" / "mixed"; the others end with </s>. Empty = every source. E.g. the dialogue corpora
+    # (CHILDES, Switchboard: a newline between turns, as in the supplement's pairs) with </s> between prose sentences.
+    separator_sources: list = field(default_factory=list)
     heldout_sequences: int = 256  # valid sequences reserved for DWML's outer loop (L2); excluded from every
     #                               run's reporting set (also runs that learn no omega), so all runs report alike
     prefetch: int = 2  # batches built ahead in a background thread (0 = build each batch when the loop asks)
@@ -200,8 +206,12 @@ class RunConfig:
         if t.tensorboard:
             _check(tensorboard_available(), MISSING_TENSORBOARD)
         _check(self.data.seq_len >= 8, f"data.seq_len: expected >= 8, got {self.data.seq_len}")
-        _check(self.data.separator in ("eos", "newline"),
-               f"data.separator: expected eos|newline, got {self.data.separator!r}")
+        _check(self.data.separator in ("eos", "newline", "mixed"),
+               f"data.separator: expected eos|newline|mixed, got {self.data.separator!r}")
+        _check(all(isinstance(n, str) and n for n in self.data.separator_sources),
+               f"data.separator_sources: expected source names, got {self.data.separator_sources!r}")
+        _check(not self.data.separator_sources or self.data.separator != "eos",
+               "data.separator_sources: only with data.separator = newline or mixed")
         check_family(self.model.family, "model.family")
         _check(0.0 < self.data.mask_prob < 1.0, f"data.mask_prob: expected (0, 1), got {self.data.mask_prob}")
         _check(self.data.mask_prob_end == 0.0 or 0.0 < self.data.mask_prob_end < 1.0,

@@ -214,6 +214,75 @@ def test_newline_separator_replaces_inner_eos_only(tiny_prepared):
     assert np.array_equal(ids, ref_ids.numpy()) and np.array_equal(lengths, ref_mask.sum(1).numpy())
 
 
+def test_mixed_separator_ends_the_hashed_half_of_utterances_with_a_newline(tiny_prepared):
+    """A share of 0.5 (data.separator = "mixed"): an inner utterance ends with the newline exactly when
+    `takes_separator` picks its piece index, with </s> otherwise; about half do, the choice does not depend on the
+    sequence a piece lands in, and gather agrees with [i]."""
+    from dwml.data.shards import takes_separator
+    from dwml.data.tokenizer import newline_id
+
+    nl = newline_id(tiny_prepared / "tokenizer")
+    plain, mixed = PackedSequences(tiny_prepared, "train", 48), PackedSequences(tiny_prepared, "train", 48, nl, 0.5)
+    picked = takes_separator(np.arange(plain.piece_lengths.size), 0.5)
+    newlines = eos = 0
+    for i in range(len(plain)):
+        a, b = plain[i], mixed[i]
+        assert len(a) == len(b) and np.array_equal(np.where(b == nl, 2, b), a) and b[-1] == 2
+        inner = np.flatnonzero(a[:-1] == 2)  # the inner boundaries, in piece order
+        expect = np.where(picked[plain.bounds[i]:plain.bounds[i + 1] - 1], nl, 2)
+        assert np.array_equal(b[inner], expect)
+        newlines, eos = newlines + int((b == nl).sum()), eos + int((b[:-1] == 2).sum())
+    assert 0.35 < newlines / (newlines + eos) < 0.65 and newlines > 20
+    for share in (0.0, 1.0):  # the ends of the range: all </s> / all newline
+        assert np.array_equal(takes_separator(np.arange(1000), share), np.full(1000, share == 1.0))
+    assert abs(takes_separator(np.arange(100_000), 0.3).mean() - 0.3) < 0.01
+    idx = np.random.default_rng(2).permutation(len(mixed))[:9]
+    ids, lengths = mixed.gather(idx, pad_id=1)
+    ref_ids, ref_mask = collate([mixed[int(i)] for i in idx], pad_id=1)
+    assert np.array_equal(ids, ref_ids.numpy()) and np.array_equal(lengths, ref_mask.sum(1).numpy())
+    with pytest.raises(DwmlError, match="separator share"):
+        PackedSequences(tiny_prepared, "train", 48, nl, 1.5)
+
+
+def test_separator_sources_put_the_newline_only_after_utterances_of_those_sources(tiny_prepared):
+    """data.separator_sources: an inner utterance ends with the newline exactly when its document belongs to one of
+    the named sources (found here by a plain search of each piece's document in the shard header's ranges), </s>
+    otherwise; with "mixed" the hash's half of those; gather agrees with [i]; a name the data lacks fails loudly."""
+    from dwml.config import load_config
+    from dwml.data.shards import takes_separator
+    from dwml.data.tokenizer import newline_id
+    from dwml.training.setup import separator_args
+
+    nl = newline_id(tiny_prepared / "tokenizer")
+    plain = PackedSequences(tiny_prepared, "train", 48)
+    names = ("switchboard", "aochildes")
+    header = plain.shard.header["sources"]
+    assert {s["name"] for s in header} > set(names)
+    doc = np.searchsorted(plain.shard.offsets, plain.piece_offsets, side="right") - 1
+    source = np.array([next(s["name"] for s in header if s["first_doc"] <= d < s["first_doc"] + s["n_docs"])
+                       for d in doc])
+    dialogue = np.isin(source, names)
+    for share, picked in ((1.0, dialogue), (0.5, dialogue & takes_separator(np.arange(doc.size), 0.5))):
+        seqs = PackedSequences(tiny_prepared, "train", 48, nl, share, names)
+        counts = [0, 0]
+        for i in range(len(plain)):
+            a, b = plain[i], seqs[i]
+            inner = np.flatnonzero(a[:-1] == 2)
+            want = picked[plain.bounds[i]:plain.bounds[i + 1] - 1]
+            assert np.array_equal(b[inner], np.where(want, nl, 2)) and np.array_equal(np.where(b == nl, 2, b), a)
+            counts[0], counts[1] = counts[0] + int(want.sum()), counts[1] + int((~want).sum())
+        assert min(counts) > 20  # both kinds of boundary occur
+        idx = np.random.default_rng(3).permutation(len(seqs))[:9]
+        ids, lengths = seqs.gather(idx, pad_id=1)
+        ref_ids, ref_mask = collate([seqs[int(i)] for i in idx], pad_id=1)
+        assert np.array_equal(ids, ref_ids.numpy()) and np.array_equal(lengths, ref_mask.sum(1).numpy())
+    cfg = load_config(None, ["data.separator='newline'", "data.separator_sources=['cbt', 'novels']"])
+    with pytest.raises(DwmlError, match="data.separator_sources: 'novels' is not a source of .*its sources: .*cbt"):
+        separator_args(cfg, tiny_prepared)
+    cfg = load_config(None, ["data.separator='newline'", "data.separator_sources=['cbt']"])
+    assert separator_args(cfg, tiny_prepared)["sources"] == ("cbt",)
+
+
 def test_masks_depend_on_the_sequence_not_the_batch(tiny_prepared):
     """A sequence is masked the same way in any batch size or padded width (hence on any DDP rank split)."""
     seqs = PackedSequences(tiny_prepared, "train", 48)

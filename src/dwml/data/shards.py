@@ -255,20 +255,40 @@ def pack_index(offsets: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarra
     return piece_offsets, piece_lengths, np.array(bounds, dtype=np.int64)
 
 
+def takes_separator(pieces: np.ndarray, share: float) -> np.ndarray:
+    """Whether each piece index falls in the `share` of pieces that end with the separator: a multiplicative hash
+    (Fibonacci hashing, 64-bit wrap-around) of the index mapped to [0, 1), so neighbouring pieces are independent
+    and the choice needs no state to resume."""
+    h = np.asarray(pieces, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < share
+
+
 class PackedSequences:
     """Training sequences of one prepared split; `seqs[i]` is an int64 array `<s> doc </s> doc </s> ...`.
 
     `separator` (a token id) ends every piece but a sequence's last in its place: `<s> doc \n doc \n doc </s>` with
     the tokenizer's newline token, the form BabyLM's dialogue pairs take ("What did you get?\nI got a chair."; see
-    `dwml.data.tokenizer.newline_id`). The sequences' lengths do not change.
+    `dwml.data.tokenizer.newline_id`). With `share` < 1 only that share of the pieces ends with `separator`, the rest
+    with `</s>`: which ones is a fixed hash of the piece's index in the split (`takes_separator`), so a sequence is
+    the same in every epoch, run and rank. With `sources` (names of the split's sources, `dwml prepare`'s per-file
+    sources) only their pieces do (newline between the turns of the dialogue corpora, </s> between the sentences of
+    prose); names the split lacks select nothing. The sequences' lengths do not change.
     """
 
-    def __init__(self, prepared_dir: str | Path, split: str, seq_len: int, separator: int | None = None):
+    def __init__(self, prepared_dir: str | Path, split: str, seq_len: int, separator: int | None = None,
+                 share: float = 1.0, sources: Sequence[str] = ()):
         t0 = time.perf_counter()
         self.shard = Shard(prepared_dir, split)
         self.seq_len = seq_len
         self.separator = EOS_ID if separator is None else int(separator)
+        if not 0.0 <= share <= 1.0:
+            raise DwmlError(f"separator share: expected [0, 1], got {share}")
         self.piece_offsets, self.piece_lengths, self.bounds = pack_index(self.shard.offsets, seq_len)
+        # Which pieces end with the separator (None: all); fixed at build time, so resuming changes nothing.
+        self.takes = None if share >= 1.0 else takes_separator(np.arange(self.piece_offsets.size), share)
+        if sources:
+            chosen = self._in_sources(set(sources))
+            self.takes = chosen if self.takes is None else self.takes & chosen
         self.build_seconds = time.perf_counter() - t0
         if len(self) == 0:
             raise DwmlError(f"{self.shard.directory / split}.bin: split has no tokens to pack")
@@ -286,7 +306,8 @@ class PackedSequences:
         tokens = np.asarray(self.shard.tokens[start:stop], dtype=np.int64)
         # Pieces of a sequence are contiguous in the shard: put <s> in front and </s> after every piece.
         where = np.concatenate([[0], np.cumsum(self.piece_lengths[p0:p1])])
-        values = np.full(where.size, self.separator, dtype=np.int64)
+        values = np.empty(where.size, dtype=np.int64)
+        values[1:-1] = self._ends(np.arange(p0, p1 - 1))
         values[0], values[-1] = BOS_ID, EOS_ID
         return np.insert(tokens, where, values)
 
@@ -315,8 +336,23 @@ class PackedSequences:
             self.shard.tokens[np.repeat(self.piece_offsets[piece], plen) + within]
         last = np.zeros(rows.size, dtype=bool)
         last[np.cumsum(per_row) - 1] = True  # a row's last piece ends with </s>, the others with the separator
-        ids[rows, col + plen] = np.where(last, EOS_ID, self.separator)
+        ids[rows, col + plen] = np.where(last, EOS_ID, self._ends(piece))
         return ids, lengths
+
+    def _in_sources(self, names: set[str]) -> np.ndarray:
+        """Whether each piece lies in a document of one of the sources `names` (the shard header's doc ranges)."""
+        chosen = np.zeros(self.piece_offsets.size, dtype=bool)
+        for src in self.shard.header.get("sources", []):
+            if src["name"] in names:
+                lo, hi = self.shard.offsets[[src["first_doc"], src["first_doc"] + src["n_docs"]]]
+                chosen |= (self.piece_offsets >= lo) & (self.piece_offsets < hi)
+        return chosen
+
+    def _ends(self, pieces: np.ndarray) -> np.ndarray:
+        """The token after each of `pieces` (piece indices of the split) when it is not its sequence's last."""
+        if self.takes is None:
+            return np.full(pieces.shape, self.separator, dtype=np.int64)
+        return np.where(self.takes[pieces], self.separator, EOS_ID).astype(np.int64)
 
     def lengths(self) -> np.ndarray:
         """Length (with specials) of every sequence."""

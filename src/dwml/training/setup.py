@@ -130,7 +130,7 @@ def planned_words(cfg: RunConfig, prepared: Path) -> tuple[int, float]:
     """(words seen, epochs) after `train.max_steps` steps of one process, before any training (the dry run)."""
     meta = load_meta(prepared)
     t = cfg.train
-    stream = BatchStream(PackedSequences(prepared, "train", cfg.data.seq_len, separator_id(cfg, prepared)),
+    stream = BatchStream(PackedSequences(prepared, "train", cfg.data.seq_len, **separator_args(cfg, prepared)),
                          t.batch_size, seed=t.seed,
                          vocab_size=int(meta["vocab_size"]), mask_prob=cfg.data.mask_prob)
     e = stream_exposure(stream, prepared, int(meta["vocab_size"]), t.grad_accum, t.max_steps)
@@ -193,24 +193,35 @@ class Batches:
     valid: list  # fixed MaskedBatches for reporting
 
 
-def separator_id(cfg: RunConfig, prepared: Path) -> int | None:
-    """The token that ends a packed sequence's inner utterances: None (</s>) or the tokenizer's newline."""
-    return newline_id(prepared / "tokenizer") if cfg.data.separator == "newline" else None
+def separator_args(cfg: RunConfig, prepared: Path) -> dict:
+    """How a packed sequence's inner utterances end (`PackedSequences`' separator and share): </s>, the tokenizer's
+    newline, or ("mixed") the newline after half of them and </s> after the others; with data.separator_sources only
+    in those sources."""
+    d = cfg.data
+    if d.separator == "eos":
+        return {"separator": None}
+    known = load_meta(prepared).get("splits", {}).get("train", {}).get("sources", {}) if d.separator_sources else {}
+    for name in d.separator_sources:
+        if name not in known:
+            raise DwmlError(f"data.separator_sources: {name!r} is not a source of {prepared} "
+                            f"(its sources: {', '.join(known)})")
+    return {"separator": newline_id(prepared / "tokenizer"), "share": 0.5 if d.separator == "mixed" else 1.0,
+            "sources": tuple(d.separator_sources)}
 
 
 def make_batches(cfg: RunConfig, prepared: Path, vocab_size: int, rt: Runtime, need_heldout: bool) -> Batches:
     t, dcfg = cfg.train, cfg.data
-    sep = separator_id(cfg, prepared)  # the same for train, valid and DWML's held-out sequences
+    sep = separator_args(cfg, prepared)  # the same for train, valid and DWML's held-out sequences
     # Training and the held-out batches corrupt selected tokens by data.replace_mask / replace_random.
     common = dict(vocab_size=vocab_size, mask_prob=dcfg.mask_prob, replace=(dcfg.replace_mask, dcfg.replace_random))
-    train_seqs = PackedSequences(prepared, "train", dcfg.seq_len, sep)
+    train_seqs = PackedSequences(prepared, "train", dcfg.seq_len, **sep)
     if len(train_seqs) < t.batch_size * rt.world_size:
         raise DwmlError(f"{prepared}: train split has {len(train_seqs)} sequences, fewer than one batch "
                         f"({t.batch_size} x {rt.world_size} ranks); use a smaller train.batch_size or more data")
     # The masking schedule (data.mask_prob_end) runs over the micro-batches of train.max_steps steps of this rank.
     train = BatchStream(train_seqs, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size,
                         mask_prob_end=dcfg.mask_prob_end, schedule_batches=t.max_steps * t.grad_accum, **common)
-    valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len, sep)
+    valid_seqs = PackedSequences(prepared, "valid", dcfg.seq_len, **sep)
     n = len(valid_seqs)
     # The held-out part of valid feeds DWML's outer loss L2 (eq. 3); reporting uses the rest, so reported
     # validation losses are never the ones omega was fitted on. It is left out of the reporting set of every run,
