@@ -200,11 +200,12 @@ def separator_args(cfg: RunConfig, prepared: Path) -> dict:
     d = cfg.data
     if d.separator == "eos":
         return {"separator": None}
-    known = load_meta(prepared).get("splits", {}).get("train", {}).get("sources", {}) if d.separator_sources else {}
-    for name in d.separator_sources:
-        if name not in known:
-            raise DwmlError(f"data.separator_sources: {name!r} is not a source of {prepared} "
-                            f"(its sources: {', '.join(known)})")
+    if d.separator_sources:  # a misspelt name would silently select nothing: fail before training
+        known = load_meta(prepared).get("splits", {}).get("train", {}).get("sources", {})
+        for name in d.separator_sources:
+            if name not in known:
+                raise DwmlError(f"data.separator_sources: {name!r} is not a source of {prepared} "
+                                f"(its sources: {', '.join(known)})")
     return {"separator": newline_id(prepared / "tokenizer"), "share": 0.5 if d.separator == "mixed" else 1.0,
             "sources": tuple(d.separator_sources)}
 
