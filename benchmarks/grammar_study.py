@@ -62,6 +62,13 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("mini_newline30_s1", "mini_newline30 with train.seed = 1 (initialisation, masks and batch order): how far a "
      "seed alone moves the two scores", {"train.max_steps": 3700, "train.compile": True,
                                          "data.separator": "newline", "train.seed": 1}),
+    ("mini_compile30_s1", "mini_compile30 with train.seed = 1: a second draw of the eos recipe "
+     "(configs/cpu-mlm-30min.toml)", {"train.max_steps": 3700, "train.compile": True, "train.seed": 1}),
+    ("mini_compile30_s2", "mini_compile30 with train.seed = 2: a third draw of the eos recipe",
+     {"train.max_steps": 3700, "train.compile": True, "train.seed": 2}),
+    ("mini_ema30", "mini_compile30 exporting an exponential moving average of the weights (train.ema_decay = "
+     "0.999, GPT-BERT's weight averaging; the live weights train exactly as mini_compile30's)",
+     {"train.max_steps": 3700, "train.compile": True, "train.ema_decay": 0.999}),
     ("mini_mixed30", "mini_compile30 with half of the utterances ended by the newline, half by </s> "
      "(data.separator = mixed): the dialogue form and BLiMP's <s> sentence </s> in one model",
      {"train.max_steps": 3700, "train.compile": True, "data.separator": "mixed"}),
@@ -100,7 +107,7 @@ def probe_steps(name: str, recipe: dict, data: str, out: Path, minutes: float, t
     return int(0.97 * minutes * 60 * steps_per_s)
 
 
-def evaluate(name: str, out: Path, threads: int, tasks: str = TASKS) -> tuple[dict, float]:
+def evaluate(name: str, out: Path, threads: int, tasks: str = TASKS, extra: tuple = ()) -> tuple[dict, float]:
     """`dwml eval` of the variant on `tasks` into OUT/<variant>[.<tasks>].eval.json (kept: a rerun reuses it)."""
     tag = "" if tasks == TASKS else "." + tasks.replace(",", "+")
     path = out.parent / f"{name}{tag}.eval.json"
@@ -110,21 +117,62 @@ def evaluate(name: str, out: Path, threads: int, tasks: str = TASKS) -> tuple[di
     start = time.perf_counter()
     if not path.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "dwml.cli", "eval", str(out), "--tasks", tasks, "--out", str(path)]
+        cmd = [sys.executable, "-m", "dwml.cli", "eval", str(out), "--tasks", tasks, "--out", str(path), *extra]
         with open(out.parent / f"{name}{tag}.eval.log", "w", encoding="utf-8") as log:
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return json.loads(path.read_text()), time.perf_counter() - start
 
 
+def live_weights(name: str, root: Path) -> Path:
+    """OUT/<variant>_live/: the live weights of an averaging variant's last checkpoint (train.ema_decay > 0 exports
+    the average) as a Hugging Face folder, so the average and the weights it averages, of one run, are scored on the
+    same pairs: the averaging's own effect, free of the seed's."""
+    from transformers import AutoModelForMaskedLM
+
+    from dwml.data.tokenizer import copy_tokenizer
+    from dwml.training.checkpoint import list_checkpoints, load_checkpoint
+
+    run, target = root / name, root / f"{name}_live"
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    if not state.get("averages") or state["step"] != json.loads((run / "final" / "summary.json").read_text())["steps"]:
+        raise SystemExit(f"grammar_study: {run} is not a finished run with weight averaging")
+    if not (target / "config.json").is_file():
+        model = AutoModelForMaskedLM.from_pretrained(run / "final" / "peer0")
+        model.load_state_dict({k.removeprefix("mlm."): v for k, v in state["students"][0].items()})
+        model.save_pretrained(target)
+        copy_tokenizer(run / "final" / "peer0", target)
+    return target
+
+
+def evaluations_of(name: str, root: Path) -> list[dict]:
+    """The model's part of every `dwml eval` of the variant (OUT/<variant>.eval.json and the screens
+    OUT/<variant>.<tasks>.eval.json): a run's peer0, or the one model of a folder (OUT/<variant>_live)."""
+    paths = sorted(root.glob(f"{name}.eval.json")) + sorted(root.glob(f"{name}.*.eval.json"))
+    models = [json.loads(p.read_text())["models"] for p in paths]
+    return [m["peer0"] if "peer0" in m else next(iter(m.values())) for m in models]
+
+
 def scores_of(name: str, root: Path) -> tuple[dict, float]:
-    """Every task score any `dwml eval` of the variant wrote (OUT/<variant>.eval.json and the screens
-    OUT/<variant>.<tasks>.eval.json), merged, and the seconds those evaluations took."""
+    """Every task score the variant's evaluations hold, merged, and the seconds those evaluations took."""
     scores, seconds = {}, 0.0
-    for path in sorted(root.glob(f"{name}.eval.json")) + sorted(root.glob(f"{name}.*.eval.json")):
-        ev = json.loads(path.read_text())
-        scores.update(ev["models"]["peer0"]["summary"])
-        seconds += ev["models"]["peer0"].get("seconds") or 0.0
+    for ev in evaluations_of(name, root):
+        scores.update(ev["summary"])
+        seconds += ev.get("seconds") or 0.0
     return scores, seconds
+
+
+def paired(a: str, b: str, root: Path) -> str:
+    """Paired bootstrap (dwml.evaluation.stats, 10,000 replicates over the pairs within each group) of the macro
+    accuracy of variant a minus variant b on every task both were evaluated on. It resamples the evaluation items,
+    not the training: two seeds of one recipe can differ beyond this interval."""
+    from dwml.evaluation.stats import compare_tasks
+
+    tasks = [{t: r for ev in evaluations_of(n, root) for t, r in ev["tasks"].items()} for n in (a, b)]
+    lines = [f"{a} - {b}, paired bootstrap over items (95%):"]
+    for task, r in compare_tasks(*tasks).items():
+        lines.append(f"  {task}: {r['diff']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+                     + (" (excludes 0)" if r["significant"] else ""))
+    return "\n".join(lines) if len(lines) > 1 else f"{a} and {b}: no task evaluated for both"
 
 
 def row(name: str, what: str, summary: dict, scores: dict, eval_s: float) -> dict:
@@ -162,9 +210,19 @@ def main() -> int:
     ap.add_argument("--tasks", default=TASKS,
                     help="what to evaluate (a subset screens a variant: the full BLiMP-filtered of a mini-sized "
                          "model costs ~45 min of fp32 on 2 cores); '-' marks a set not evaluated")
+    ap.add_argument("--live", action="store_true",
+                    help="for the --only variants that average their weights: also write OUT/<variant>_live (the "
+                         "last checkpoint's live weights) and evaluate it on --tasks (compare with --paired)")
+    ap.add_argument("--paired", default="", metavar="A,B",
+                    help="train nothing: the paired bootstrap of variant A minus variant B on their evaluations")
     args = ap.parse_args()
     names = [n for n, _, _ in VARIANTS]
-    only = [x for x in args.only.split(",") if x]
+    only = [x for x in (args.paired or args.only).split(",") if x]
+    if args.paired:  # the live weights of an averaging variant (--live) are comparable too
+        names += [f"{n}_live" for n, _, over in VARIANTS if over.get("train.ema_decay")]
+    if args.paired and len(only) != 2:
+        print(f"grammar_study: --paired expects two variants A,B, got {args.paired!r}", file=sys.stderr)
+        return 2
     if sorted(set(only) - set(names)):
         print(f"grammar_study: unknown variant(s) {sorted(set(only) - set(names))}; expected some of {names}",
               file=sys.stderr)
@@ -172,6 +230,9 @@ def main() -> int:
     if args.list:
         for n, what, over in VARIANTS:
             print(f"{n:<12} {what}  {over}")
+        return 0
+    if args.paired:
+        print(paired(*only, Path(args.out)))
         return 0
     out_root = Path(args.out)
     rows = []
@@ -190,6 +251,9 @@ def main() -> int:
             recipe["train.max_steps"] = json.loads((out / "final" / "summary.json").read_text())["steps"]
         summary = run_variant(name, sets_of(recipe, args.data, out), out, args.threads)
         evaluate(name, out, args.threads, args.tasks)
+        if args.live and recipe.get("train.ema_decay"):
+            evaluate(f"{name}_live", live_weights(name, out_root), args.threads, args.tasks,
+                     ("--reference-data", args.data))
         rows.append(row(name, what, summary, *scores_of(name, out_root)))
         print(table(rows[-1:], args.minutes), flush=True)
     text = table(rows, args.minutes)

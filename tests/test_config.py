@@ -42,6 +42,8 @@ def test_resolved_config_roundtrips(tmp_path):
         ("[data]\nseparator = 'tab'\n", r"data.separator: expected eos\|newline\|mixed, got 'tab'"),
         ("[data]\nseparator_sources = ['cbt']\n", r"data.separator_sources: only with data.separator = newline"),
         ("[data]\nseparator = 'newline'\nseparator_sources = [3]\n", r"data.separator_sources: expected source"),
+        ("[train]\nema_decay = 1.0\n", r"train.ema_decay: expected a value in \[0, 1\) \(0 = off\), got 1.0"),
+        ("[train]\nema_decay = -0.5\n", r"train.ema_decay: expected a value in \[0, 1\)"),
     ],
 )
 def test_bad_configs_fail_loudly(tmp_path, text, match):

@@ -105,6 +105,9 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0
+    # > 0: validation, milestones and the export use an EMA of the weights with this decay (dwml.training.averaging;
+    # GPT-BERT's weight averaging); 0 = the last weights
+    ema_decay: float = 0.0
     eval_every: int = 200
     eval_batches: int = 16  # validation set = the first eval_batches x eval_batch_size valid sequences ...
     eval_batch_size: int = 32  # ... independent of the training batch size, so runs stay comparable
@@ -188,6 +191,8 @@ class RunConfig:
         _check(math.isfinite(t.eps) and t.eps > 0, f"train.eps: expected a finite value > 0, got {t.eps}")
         _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0,
                f"train.grad_clip: expected a finite value >= 0 (0 = off), got {t.grad_clip}")
+        _check(math.isfinite(t.ema_decay) and 0.0 <= t.ema_decay < 1.0,
+               f"train.ema_decay: expected a value in [0, 1) (0 = off), got {t.ema_decay}")
         for name in ("eval_every", "save_every", "log_every", "eval_batches", "eval_batch_size"):
             _check(getattr(t, name) >= 1, f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
         _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: expected >= 0, got {t.max_nonfinite_skips}")

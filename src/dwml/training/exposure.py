@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import DwmlError
 from ..io import atomic_dir, write_json
+from .averaging import all_swapped_in
 
 MILLION = 1_000_000
 
@@ -152,9 +153,13 @@ class ExposurePlan:
                 "teacher_words": self.teacher_words, "total_words": total,
                 "milestones": {n: s for s, names in self.milestones.items() for n in names if s <= step}}
 
-    def write(self, step: int, run_dir: Path, students, tokenizer_dir: Path) -> None:
-        for name in self.milestones.get(step, ()):
-            write_milestone(run_dir, name, step, self.exposure.words_after(step), students, tokenizer_dir)
+    def write(self, step: int, run_dir: Path, students, tokenizer_dir: Path, averages=()) -> None:
+        """The milestones due after `step`, of the averaged weights when the run averages (train.ema_decay)."""
+        names = self.milestones.get(step, ())
+        if names:
+            with all_swapped_in(list(averages)):
+                for name in names:
+                    write_milestone(run_dir, name, step, self.exposure.words_after(step), students, tokenizer_dir)
 
 
 def write_milestone(run_dir: Path, name: str, step: int, words: int, students, tokenizer_dir: Path) -> Path | None:

@@ -32,6 +32,7 @@ from ..distill.methods import METHOD_LOSSES, TEACHER_METHODS
 from ..io import write_text
 from ..models.model import masked_logits
 from . import rundir
+from .averaging import all_swapped_in, averages_for, load_averages
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .plateau import plateau_exit_step, valid_history
@@ -97,7 +98,7 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         step = run.step
         record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
         if rt.is_master:  # BabyLM's milestone checkpoints RUN/chck/chck_1M ... (train.babylm_track)
-            run.exposure.write(step, run.run_dir, run.students, run.tokenizer_dir)
+            run.exposure.write(step, run.run_dir, run.students, run.tokenizer_dir, run.averages)
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
@@ -142,6 +143,7 @@ class Trainer:
         check_memory(cfg, self.archs, rt)  # an estimate of the peak, before anything is allocated
         n = len(self.archs)
         self.students = build_students(cfg, self.archs, rt.device)
+        self.averages = averages_for(self.students, t.ema_decay)  # train.ema_decay: the weights a run produces
         self.teacher = load_teacher(d.teacher, self.tokenizer_dir, rt.device) if method in TEACHER_METHODS else None
         self.inputs = input_fingerprints(cfg, prepared, meta, self.tokenizer_sha)  # compared on resume
         self.optimizers = [make_optimizer(s, t) for s in self.students]
@@ -197,6 +199,7 @@ class Trainer:
                              (self.schedulers, "schedulers")):
             for m, sd in zip(modules, state[key]):
                 m.load_state_dict(sd)
+        load_averages(self.averages, state.get("averages") or [])
         self.omega.load_state_dict(state["omega"])
         self.omega_device = self.omega.omega.to(self.rt.device)
         self.batches.train.load_state_dict(state["train_stream"])
@@ -297,6 +300,8 @@ class Trainer:
             if apply_update:
                 o.step()
             sc.step()
+        for a in self.averages if apply_update else ():
+            a.update()
         self.step += 1
         self.guard.maybe_check(self.step)  # stop at the first log/eval/save step after a non-finite one
         return StepStats(parts, grad_norms, micro_batches[-1], teacher if self.learn_omega else None)
@@ -381,7 +386,9 @@ class Trainer:
         self.initial_valid = first["valid_loss"]
 
     def log_validation(self, bar) -> None:
-        v = self.validate()
+        live = {"valid_loss_live": self.validate()["valid_loss"]} if self.averages else {}
+        with all_swapped_in(self.averages):  # the loss of the weights the run exports
+            v = {**self.validate(), **live}
         self.log.write(step=self.step, **v, unigram_entropy=self.unigram, omega=self.omega.omega.tolist())
         bar.write(f"step {self.step}: valid loss " + ", ".join(f"{x:.4f}" for x in v["valid_loss"])
                   + f" (unigram entropy {self.unigram:.4f})")
@@ -395,6 +402,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [sc.state_dict() for sc in self.schedulers],
             "omega": self.omega.state_dict(),
+            "averages": [a.state_dict() for a in self.averages],
             "train_stream": self.batches.train.state_dict(),
             "heldout_stream": self.batches.heldout.state_dict() if self.batches.heldout is not None else None,
             "rng": gather_rng(self.rt),
@@ -418,30 +426,24 @@ class Trainer:
         if rt.is_master:
             self.timings["steps"] = self.elapsed() - self.elapsed_before - sum(
                 self.timings.get(k, 0.0) for k in ("validation", "checkpoint"))
-            with self.phase("final_validation"):
-                final = self.validate(per_batch_losses=True)
-            history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
-            exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
-                     for h, v in zip(history, final["valid_loss"])]
-            summary = {
-                "method": self.cfg.train.method,
-                "steps": self.step,
-                "omega": self.omega.omega.tolist(),
-                "omega_learned": self.learn_omega,
-                "peers": peer_summaries(self.archs, final["valid_loss"], exits, final["batches"]),
-                "unigram_entropy": self.unigram,
-                "initial_valid_loss": self.initial_valid,
-                "train_seconds": self.elapsed(),
-                "train_tokens": int(self.batches.train.tokens_seen) * rt.world_size,
-                "exposure": self.exposure.summary(self.step),
-                "valid_ensemble_loss": final.get("valid_ensemble_loss"),
-                "valid_ensemble_batch_losses": final["batches"][-1] if len(self.archs) > 1 else None,
-                "tokenizer": str(self.tokenizer_dir),
-                "tokenizer_sha256": self.tokenizer_sha,
-                "timings_s": {k: round(v, 3) for k, v in self.timings.items()},  # export is not included
-            }
-            check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
-            export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
+            with all_swapped_in(self.averages):  # train.ema_decay: the averages are what is validated and exported
+                with self.phase("final_validation"):
+                    final = self.validate(per_batch_losses=True)
+                history = valid_history(self.run_dir / "metrics.jsonl", len(self.archs))
+                exits = [plateau_exit_step(h + [(self.step, v)], self.unigram)
+                         for h, v in zip(history, final["valid_loss"])]
+                summary = dict(
+                    method=self.cfg.train.method, steps=self.step, omega=self.omega.omega.tolist(),
+                    omega_learned=self.learn_omega, ema_decay=self.cfg.train.ema_decay,
+                    peers=peer_summaries(self.archs, final["valid_loss"], exits, final["batches"]),
+                    unigram_entropy=self.unigram, initial_valid_loss=self.initial_valid, train_seconds=self.elapsed(),
+                    train_tokens=int(self.batches.train.tokens_seen) * rt.world_size,
+                    exposure=self.exposure.summary(self.step), valid_ensemble_loss=final.get("valid_ensemble_loss"),
+                    valid_ensemble_batch_losses=final["batches"][-1] if len(self.archs) > 1 else None,
+                    tokenizer=str(self.tokenizer_dir), tokenizer_sha256=self.tokenizer_sha,
+                    timings_s={k: round(v, 3) for k, v in self.timings.items()})  # export is not included
+                check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
+                export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
         rt.barrier()
         return summary
 
