@@ -10,12 +10,13 @@ noise of the last optimizer steps, which a small model on a small corpus feels i
 - the warm-up d_t (as in TensorFlow's ExponentialMovingAverage with num_updates) keeps the first average from being
 mostly the initialisation. The live weights train as before (DML / DWML peers see each other's live outputs); the
 averaged ones are what validation measures and what the milestone checkpoints and the final export hold
-(`Trainer.averaged`). The shadow copies are part of the checkpoint, so a resumed run averages exactly as an
+(`all_swapped_in`). The shadow copies are part of the checkpoint, so a resumed run averages exactly as an
 uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 
 import torch
 
@@ -86,7 +87,7 @@ def load_averages(averages: list[WeightAverage], states: list[dict]) -> None:
 
 
 @contextlib.contextmanager
-def all_swapped_in(averages: list[WeightAverage]):
+def all_swapped_in(averages: Iterable[WeightAverage]):
     """Every student with its averaged weights inside (nothing changes when averaging is off)."""
     with contextlib.ExitStack() as stack:
         for a in averages:

@@ -157,7 +157,7 @@ class ExposurePlan:
         """The milestones due after `step`, of the averaged weights when the run averages (train.ema_decay)."""
         names = self.milestones.get(step, ())
         if names:
-            with all_swapped_in(list(averages)):
+            with all_swapped_in(averages):
                 for name in names:
                     write_milestone(run_dir, name, step, self.exposure.words_after(step), students, tokenizer_dir)
 
