@@ -35,7 +35,9 @@ RECIPE = {
     "train.schedule": "linear", "train.min_lr_ratio": 0.0, "train.weight_decay": 0.01, "train.dtype": "bf16",
     "train.eval_every": 500, "train.save_every": 500, "train.log_every": 50, "train.progress": False,
 }
-# (name, what it changes, overrides of RECIPE). train.max_steps pins the length (no probe).
+# (name, what it changes, overrides of RECIPE). train.max_steps pins the length (no probe); PREPARE: extra flags of
+# `dwml prepare` - the variant trains on its own preparation of --data's corpus (OUT/<variant>.data, same settings).
+PREPARE = "prepare"
 VARIANTS: list[tuple[str, str, dict]] = [
     ("mini_bf16", "ModernBERT mini (5.38M), lr 2e-3, bf16; 1,950 steps (sized by a 60-step probe: 5.0k tokens/s)",
      {"train.max_steps": 1950}),
@@ -77,6 +79,11 @@ VARIANTS: list[tuple[str, str, dict]] = [
      "Wikipedia; data.separator_sources)",
      {"train.max_steps": 3700, "train.compile": True, "data.separator": "newline",
       "data.separator_sources": ["aochildes", "switchboard", "aochildes_cds_gloss", "childes_en_validation_random"]}),
+    ("mini_tags30", "mini_compile30 on the corpus prepared with its speaker tags kept (`dwml prepare --speaker-tags`: "
+     "Switchboard's \"A: ...\" turns, the form of the supplement's dialogue pairs) and the newline between "
+     "Switchboard's turns only (</s> elsewhere, as in mini_compile30)",
+     {"train.max_steps": 3700, "train.compile": True, "data.separator": "newline",
+      "data.separator_sources": ["switchboard"], PREPARE: ["--speaker-tags"]}),
 ]
 PROBE_STEPS = 60
 TASKS = "blimp_filtered,blimp_supplement"
@@ -90,6 +97,18 @@ def _toml(v) -> str:
 
 def sets_of(recipe: dict, data: str, out: Path) -> list[str]:
     return [f"{k}={_toml(v)}" for k, v in {**recipe, "data.prepared": data, "out_dir": str(out)}.items()]
+
+
+def prepared_for(name: str, flags: list[str], data: str, root: Path) -> str:
+    """OUT/<variant>.data: --data's inputs prepared again with its vocabulary and seed, plus `flags`."""
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    out = root / f"{name}.data"
+    if not (out / "meta.json").is_file():
+        subprocess.run([sys.executable, "-m", "dwml.cli", "prepare", *meta["inputs"], "--out", str(out),
+                        "--vocab-size", str(meta["vocab_size_requested"]), "--seed", str(meta["seed"]),
+                        "--valid-fraction", str(meta["valid_fraction"]), "--min-frequency", str(meta["min_frequency"]),
+                        *(["--lowercase"] if meta["lowercase"] else []), *flags], check=True)
+    return str(out)
 
 
 def probe_steps(name: str, recipe: dict, data: str, out: Path, minutes: float, threads: int) -> int:
@@ -175,6 +194,35 @@ def paired(a: str, b: str, root: Path) -> str:
     return "\n".join(lines) if len(lines) > 1 else f"{a} and {b}: no task evaluated for both"
 
 
+def form_of(text: str) -> str:
+    """How a supplement item is written: speaker letters ("A: ...\nB: ..."), speaker names ("David: ..."),
+    turns without tags ("...?\n..."), or one line."""
+    head = text.split(":", 1)[0] if ": " in text.split("\n", 1)[0] else ""
+    return ("letters" if len(head) == 1 else "names") if head.isalpha() else ("turns" if "\n" in text else "line")
+
+
+def forms(names: list[str], root: Path, data_dir: str | None) -> str:
+    """Supplement accuracy of each variant in the dialogue groups (qa_congruence_easy / _tricky, turn_taking) by
+    the form of the item: does a model read the speaker tags, or stumble on them?"""
+    from dwml.evaluation.evaldata import load_task
+
+    pairs = load_task("blimp_supplement", data_dir)
+    keep = [i for i, p in enumerate(pairs) if p.group != "hypernym" and p.group != "subject_aux_inversion"]
+    kinds = sorted({form_of(pairs[i].good) for i in keep})
+    lines = ["| variant | " + " | ".join(f"{k} ({sum(form_of(pairs[i].good) == k for i in keep)})" for k in kinds)
+             + " |", "|---|" + "---|" * len(kinds)]
+    for name in names:
+        task = next(ev["tasks"]["blimp_supplement"] for ev in evaluations_of(name, root)
+                    if "blimp_supplement" in ev["tasks"])
+        right = task["items"]["correct"]
+        if len(right) != len(pairs):
+            raise SystemExit(f"grammar_study: {name}'s supplement has {len(right)} items, the data {len(pairs)}")
+        acc = [100 * sum(right[i] == "1" for i in keep if form_of(pairs[i].good) == k)
+               / sum(form_of(pairs[i].good) == k for i in keep) for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.1f}" for a in acc) + " |")
+    return "\n".join(lines)
+
+
 def row(name: str, what: str, summary: dict, scores: dict, eval_s: float) -> dict:
     peer = summary["peers"][0]
     return {"variant": name, "changes": what, "params": peer["params"], "steps": summary["steps"],
@@ -215,6 +263,9 @@ def main() -> int:
                          "last checkpoint's live weights) and evaluate it on --tasks (compare with --paired)")
     ap.add_argument("--paired", default="", metavar="A,B",
                     help="train nothing: the paired bootstrap of variant A minus variant B on their evaluations")
+    ap.add_argument("--forms", default="", metavar="A,B,...",
+                    help="train nothing: supplement dialogue-group accuracy of these variants by item form")
+    ap.add_argument("--data-dir", default=None, help="evaluation data (for --forms; default: dwml eval's)")
     args = ap.parse_args()
     names = [n for n, _, _ in VARIANTS]
     only = [x for x in (args.paired or args.only).split(",") if x]
@@ -234,6 +285,9 @@ def main() -> int:
     if args.paired:
         print(paired(*only, Path(args.out)))
         return 0
+    if args.forms:
+        print(forms([x for x in args.forms.split(",") if x], Path(args.out), args.data_dir))
+        return 0
     out_root = Path(args.out)
     rows = []
     for name, what, overrides in VARIANTS:
@@ -245,15 +299,16 @@ def main() -> int:
             continue
         out = out_root / name
         recipe = {**RECIPE, **overrides}
-        if "train.max_steps" not in recipe and not finished_with(out, sets_of(recipe, args.data, out)):
-            recipe["train.max_steps"] = probe_steps(name, recipe, args.data, out, args.minutes, args.threads)
+        data = prepared_for(name, recipe.pop(PREPARE), args.data, out_root) if PREPARE in recipe else args.data
+        if "train.max_steps" not in recipe and not finished_with(out, sets_of(recipe, data, out)):
+            recipe["train.max_steps"] = probe_steps(name, recipe, data, out, args.minutes, args.threads)
         elif "train.max_steps" not in recipe:  # finished earlier: its own length
             recipe["train.max_steps"] = json.loads((out / "final" / "summary.json").read_text())["steps"]
-        summary = run_variant(name, sets_of(recipe, args.data, out), out, args.threads)
+        summary = run_variant(name, sets_of(recipe, data, out), out, args.threads)
         evaluate(name, out, args.threads, args.tasks)
         if args.live and recipe.get("train.ema_decay"):
             evaluate(f"{name}_live", live_weights(name, out_root), args.threads, args.tasks,
-                     ("--reference-data", args.data))
+                     ("--reference-data", data))
         rows.append(row(name, what, summary, *scores_of(name, out_root)))
         print(table(rows[-1:], args.minutes), flush=True)
     text = table(rows, args.minutes)

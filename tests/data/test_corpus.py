@@ -105,6 +105,18 @@ def test_lines_are_documents_blank_lines_dropped_and_source_named(tmp_path):
 def test_switchboard_speaker_tags(tmp_path):
     f = write(tmp_path / "switchboard.train", "A:\tI'm sure they are.\nB:\tUh-huh.\nB:\t\nA:  Yes, A: no\n")
     assert [d.text for d in read_file(f)] == ["I'm sure they are.", "Uh-huh.", "Yes, A: no"]
+    # kept: every tag form becomes "A: " (the supplement's), a tag alone is still dropped, "A: " in mid-line stays
+    assert [d.text for d in read_file(f, speaker_tags=True)] == ["A: I'm sure they are.", "B: Uh-huh.",
+                                                                 "A: Yes, A: no"]
+
+
+def test_speaker_tags_kept_in_one_form():
+    text = "*MOT:\tlook !\n *CHI: \nSp1:\t uh-huh\nA: plain\nNo: way\nA:\t"
+    assert clean_lines(text, "childes", speaker_tags=True) == ["MOT: look!", "Sp1: uh-huh", "A: plain", "No: way"]
+    assert clean_lines(text, "childes") == ["look!", "uh-huh", "plain", "No: way"]
+    # "A: " is a tag only in dialogue sources, and prose is untouched by the option
+    assert clean_lines("A: plain\nB: x", "stories", speaker_tags=True) == clean_lines("A: plain\nB: x", "stories")
+    assert clean_line("A:\tyes", "cbt", speaker_tags=True) == "A: yes"
 
 
 def test_generic_normalisation():
@@ -171,6 +183,9 @@ def test_real_files_clean(shared_data):
     swb = read_file(corpus / "babylm_2024_train_10M_partial" / "switchboard.train")
     assert len(swb) == 18000  # every line non-empty, one document each
     assert not any(d.text.startswith(("A:", "B:")) or "\t" in d.text for d in swb)
+    tagged = read_file(corpus / "babylm_2024_train_10M_partial" / "switchboard.train", speaker_tags=True)
+    assert [d.text.split(": ", 1)[1] for d in tagged] == [d.text for d in swb]
+    assert {d.text[:3] for d in tagged} == {"A: ", "B: "}
     wiki = read_file(corpus / "childes_wiki_padovani_valid" / "wikipedia_en_validation.csv")
     assert len(wiki) == 16316 and all(d.source == "wikipedia_en_validation" for d in wiki)
 

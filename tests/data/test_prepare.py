@@ -65,6 +65,27 @@ def test_prepare_is_deterministic_and_lowercase_option(tmp_path):
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "lower" / "tokenizer"))
     assert lower["lowercase"] and hf("THE CAT SAT.")["input_ids"] == hf("the cat sat.")["input_ids"]
     assert c["splits"]["train"]["sources"].keys() == {"stories", "switchboard"}
+    assert not a["speaker_tags"] and not any(x.startswith(("A: ", "B: ")) for x in (tmp_path / "a" / "train.txt")
+                                              .read_text().splitlines())
+
+
+def test_speaker_tags_option(tmp_path, capsys):
+    corpus = synthetic_corpus(tmp_path / "corpus")
+    parser = argparse.ArgumentParser(prog="dwml")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prepare", str(corpus), "--out", str(tmp_path / "t"), "--vocab-size", "300",
+                              "--speaker-tags"])
+    assert args.func(args) == 0
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    plain = prepare([corpus], tmp_path / "p", vocab_size=300)
+    assert meta["speaker_tags"] and not plain["speaker_tags"]
+    text = {n: (tmp_path / n / "train.txt").read_text().splitlines() for n in ("t", "p")}
+    # the same documents in the same split, Switchboard's tagged
+    assert sum(x.startswith(("A: ", "B: ")) for x in text["t"]) == meta["splits"]["train"]["sources"][
+        "switchboard"]["docs"] > 0
+    assert [x[3:] if x.startswith(("A: ", "B: ")) else x for x in text["t"]] == text["p"]
+    with pytest.raises(DwmlError, match="speaker_tags False there, True asked"):
+        prep.check_reusable(tmp_path / "p", [corpus], speaker_tags=True)
 
 
 def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):

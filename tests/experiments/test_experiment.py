@@ -317,3 +317,22 @@ def test_data_stats_compute_the_unigram_entropy_once_for_all_sequence_lengths(ti
     assert list(stats) == [32, 16] and len(calls) == 1
     assert stats[32]["unigram_entropy"] == stats[16]["unigram_entropy"] == pytest.approx(meta["unigram_entropy"])
     assert stats[16]["train_sequences"] > stats[32]["train_sequences"]
+
+
+def test_prepare_section_speaker_tags_reach_the_data_and_its_reuse_check(tmp_path):
+    from dwml.experiments.stages import ensure_data
+    from runfixtures import synthetic_corpus
+
+    corpus = synthetic_corpus(tmp_path / "corpus", n_lines=60)
+
+    def cfg(tags: bool):
+        return parse_experiment({"prepare": {"inputs": [str(corpus)], "vocab_size": 300, "speaker_tags": tags},
+                                 "runs": [{"name": "a", "method": "mlm"}]}, "x")
+
+    logs: list[str] = []
+    prepared = ensure_data(cfg(True), tmp_path / "exp", logs.append)
+    assert json.loads((prepared / "meta.json").read_text())["speaker_tags"]
+    assert any(x.startswith("A: ") for x in (prepared / "train.txt").read_text().splitlines())
+    assert ensure_data(cfg(True), tmp_path / "exp", logs.append) == prepared  # reused as it is
+    with pytest.raises(DwmlError, match="speaker_tags True there, False asked"):
+        ensure_data(cfg(False), tmp_path / "exp", logs.append)

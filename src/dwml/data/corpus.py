@@ -134,9 +134,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u2
 _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab": '"', "\u00bb": '"',
            "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'"}
 _QUOTE_CHARS = re.compile("[" + "".join(_QUOTES) + "]")  # (a regex is ~20x faster than str.translate here)
-_CHAT_TAG = re.compile(rf"^{_H}*\*[A-Z0-9]{{2,4}}:{_H}*", re.M)        # CHAT main tier: "*MOT:\t..."
-_TAB_TAG = re.compile(rf"^{_H}*[A-Z][A-Za-z0-9]{{0,3}}:\t{_H}*", re.M)  # BabyLM spoken: "A:\t..." (tab: unambiguous)
-_LETTER_TAG = re.compile(r"^[A-Z]: +", re.M)                          # "A: ..." only in dialogue sources
+_CHAT_TAG = re.compile(rf"^{_H}*\*([A-Z0-9]{{2,4}}):{_H}*", re.M)        # CHAT main tier: "*MOT:\t..."
+_TAB_TAG = re.compile(rf"^{_H}*([A-Z][A-Za-z0-9]{{0,3}}):\t{_H}*", re.M)  # BabyLM spoken: "A:\t..." (tab: unambiguous)
+_LETTER_TAG = re.compile(r"^([A-Z]): +", re.M)                          # "A: ..." only in dialogue sources
 _SPACES = re.compile(rf" {_H}+|[^\S\n ]{_H}*")  # runs to squeeze (single spaces are left alone: faster)
 _EDGE_SPACE = re.compile(r"^ | $", re.M)
 _CHAT_CODES = re.compile(r"(?<!\S)(?:xxx|yyy|www)(?!\S)")  # CHAT: unintelligible / untranscribed speech
@@ -219,9 +219,12 @@ def rule_for(path: str | Path, columns: Iterable[str] = ()) -> str:
     return "generic"
 
 
-def clean_lines(lines: str | Iterable[str], rule: str = "generic") -> list[str]:
+def clean_lines(lines: str | Iterable[str], rule: str = "generic", *, speaker_tags: bool = False) -> list[str]:
     """Clean text (a string of "\n"-separated lines, or the lines) with the generic steps and a source rule.
 
+    Speaker tags ("*MOT:\t", "A:\t", and "A: " in dialogue sources) are removed, or with `speaker_tags` kept in
+    one form, "A: text" - the form of the BabyLM supplement's dialogue pairs ("A: What did you sell?\nB: A chair."),
+    which a model trained without tags reads as the article "A". A line that is a tag alone is dropped either way.
     Returns the non-empty cleaned lines, in order.
     """
     if rule not in RULES:
@@ -229,17 +232,25 @@ def clean_lines(lines: str | Iterable[str], rule: str = "generic") -> list[str]:
     _, dialogue, cleaner = RULES[rule]
     text = lines if isinstance(lines, str) else "\n".join(line.replace("\n", " ") for line in lines)
     text = normalize(text)
-    text = _TAB_TAG.sub("", _CHAT_TAG.sub("", text))
+    text = _untag(_TAB_TAG, _untag(_CHAT_TAG, text, speaker_tags), speaker_tags)
     text = collapse_spaces(text)
     if dialogue:
-        text = _LETTER_TAG.sub("", text)
+        text = _untag(_LETTER_TAG, text, speaker_tags)
     text = collapse_spaces(cleaner(text))
     return [line for line in text.split("\n") if line]
 
 
-def clean_line(line: str, rule: str = "generic") -> str:
+def _untag(pattern: re.Pattern, text: str, keep: bool) -> str:
+    """Remove `pattern`'s speaker tags, or rewrite them as "A: " where words follow on the line."""
+    if not keep:
+        return pattern.sub("", text)
+    return pattern.sub(lambda m: "" if text.startswith("\n", m.end()) or m.end() == len(text)
+                       else f"{m[1]}: ", text)
+
+
+def clean_line(line: str, rule: str = "generic", *, speaker_tags: bool = False) -> str:
     """One cleaned line; "" means the line is dropped."""
-    cleaned = clean_lines(line.replace("\n", " "), rule)
+    cleaned = clean_lines(line.replace("\n", " "), rule, speaker_tags=speaker_tags)
     return cleaned[0] if cleaned else ""
 
 
@@ -279,8 +290,9 @@ def _table_lines(path: Path, text: str) -> tuple[list[str], list[str]]:
     return lines, columns
 
 
-def read_file(path: str | Path, *, errors: str = "strict") -> list[Document]:
-    """Cleaned, non-empty documents of one corpus file (one per line, or per CSV row)."""
+def read_file(path: str | Path, *, errors: str = "strict", speaker_tags: bool = False) -> list[Document]:
+    """Cleaned, non-empty documents of one corpus file (one per line, or per CSV row); `clean_lines` for
+    `speaker_tags`."""
     path = Path(path)
     text = _read_text(path, errors)
     columns: list[str] = []
@@ -288,11 +300,13 @@ def read_file(path: str | Path, *, errors: str = "strict") -> list[Document]:
     if _data_suffix(path) in TABLE_SUFFIXES:
         lines, columns = _table_lines(path, text)
     source = source_name(path)
-    return [Document(line, source) for line in clean_lines(lines, rule_for(path, columns))]
+    return [Document(line, source)
+            for line in clean_lines(lines, rule_for(path, columns), speaker_tags=speaker_tags)]
 
 
 def read_corpus(
-    paths: Sequence[str | Path] | str | Path, *, errors: str = "strict", max_docs: int | None = None
+    paths: Sequence[str | Path] | str | Path, *, errors: str = "strict", max_docs: int | None = None,
+    speaker_tags: bool = False,
 ) -> list[Document]:
     """All cleaned documents under `paths`, in file order.
 
@@ -302,7 +316,7 @@ def read_corpus(
     files = discover_files(paths).files
     docs: list[Document] = []
     for f in files:
-        docs.extend(read_file(f, errors=errors))
+        docs.extend(read_file(f, errors=errors, speaker_tags=speaker_tags))
     if not docs:
         names = ", ".join(map(str, files[:3])) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
         raise DwmlError(f"{names}: no non-empty lines after cleaning")

@@ -83,6 +83,7 @@ def prepare(
     dtype: str | None = None,
     model_max_length: int = DEFAULT_MAX_LENGTH,
     errors: str = "strict",
+    speaker_tags: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Read + clean -> split -> train the tokenizer on train only -> shards, text, meta.json. Returns meta.json.
@@ -99,7 +100,7 @@ def prepare(
         raise DwmlError("inputs: expected at least one corpus file or directory")
     check_output_dir(out_dir, "prepare", inputs=inputs, overwrite=overwrite)
     files, skipped, broken = discover_files(inputs)
-    docs = read_corpus(files, errors=errors, max_docs=max_docs)
+    docs = read_corpus(files, errors=errors, max_docs=max_docs, speaker_tags=speaker_tags)
     train, valid = split_documents(docs, valid_fraction=valid_fraction, seed=seed)
     t_read = time.perf_counter()
 
@@ -138,6 +139,7 @@ def prepare(
             "seed": seed,
             "valid_fraction": valid_fraction,
             "max_docs": max_docs,
+            "speaker_tags": speaker_tags,
             "model_max_length": model_max_length,
             "inputs": [str(Path(p).resolve()) for p in inputs],
             "files": [str(f) for f in files],
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         model_max_length=args.max_length,
         errors="replace" if args.on_bad_utf8 == "replace" else "strict",
+        speaker_tags=args.speaker_tags,
         overwrite=args.overwrite,
     )
     print(format_summary(meta))
@@ -226,6 +229,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lowercase", action="store_true", help="lowercase inside the tokenizer's normalizer")
     p.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair frequency for a merge")
+    p.add_argument("--speaker-tags", action="store_true",
+                   help='keep dialogue speaker tags as "A: text" (the form of the supplement\'s dialogues) '
+                        'instead of removing them')
     p.add_argument("--max-docs", type=int, default=None, help="keep about N documents (a prefix of each source)")
     p.add_argument("--dtype", choices=("uint16", "uint32"), default=None, help="force the shard dtype")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokenizer model_max_length")

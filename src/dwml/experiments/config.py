@@ -48,6 +48,7 @@ class PrepareSection:
     seed: int = 0
     lowercase: bool = False
     min_frequency: int = 2
+    speaker_tags: bool = False  # keep dialogue speaker tags as "A: text" (dwml prepare --speaker-tags)
 
 
 @dataclass

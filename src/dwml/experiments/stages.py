@@ -33,14 +33,15 @@ def ensure_data(cfg: ExperimentConfig, exp_dir: Path, log: Callable[[str], None]
         if not cfg.data.prepared:  # OUT/data from an earlier run of this file: made with today's [prepare]?
             check_reusable(prepared, p.inputs or [default_corpus_path()], vocab_size=p.vocab_size,
                            valid_fraction=p.valid_fraction, seed=p.seed, lowercase=p.lowercase,
-                           min_frequency=p.min_frequency, max_docs=p.max_docs or None)
+                           min_frequency=p.min_frequency, max_docs=p.max_docs or None, speaker_tags=p.speaker_tags)
         log(f"data: {prepared} (prepared)")
         return prepared
     require(not cfg.data.prepared, f"{cfg.source}: data.prepared: {prepared} has no meta.json (run `dwml prepare`)")
     inputs = p.inputs or [default_corpus_path()]
     log(f"data: prepare {', '.join(map(str, inputs))} -> {prepared}")
     prepare(inputs, prepared, vocab_size=p.vocab_size, valid_fraction=p.valid_fraction, seed=p.seed,
-            lowercase=p.lowercase, min_frequency=p.min_frequency, max_docs=p.max_docs or None)
+            lowercase=p.lowercase, min_frequency=p.min_frequency, max_docs=p.max_docs or None,
+            speaker_tags=p.speaker_tags)
     return prepared
 
 
