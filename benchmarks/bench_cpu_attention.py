@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import cpu_step_arguments, make_trainer, modernbert_peer, synthetic_prepared, time_steps
+from benchlib import cpu_bf16_arm, cpu_step_arguments, make_trainer, modernbert_peer, synthetic_prepared, time_steps
 
 
 def first_step(prepared: Path, peer: dict, args, math: bool) -> tuple[float, float]:
@@ -38,6 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peer = modernbert_peer(args.preset)
+    if not cpu_bf16_arm("nothing (the math backend is a bf16 choice)"):
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         prepared = synthetic_prepared(Path(tmp) / "data", 8192, 1_000_000)
         (loss_f, norm_f), (loss_m, norm_m) = (first_step(prepared, peer, args, m) for m in (False, True))

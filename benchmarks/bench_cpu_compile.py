@@ -1,4 +1,5 @@
-"""torch.compile on the CPU: the trainer's bf16 MLM step eager against compiled (inductor) (issue 18, item 3).
+"""torch.compile on the CPU: the trainer's bf16 MLM step eager against compiled (inductor) (issue 18, item 3); fp32 on a
+CPU without bf16 matmul kernels (AVX2 only), as the trainer runs it there.
 
 Two Trainers from the same seed (same weights, same batches), one with `train.compile=true`. The compiled one's
 first steps pay for compiling (printed: the seconds a 30-minute run loses once, and again for the first validation);
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import cpu_step_arguments, make_trainer, modernbert_peer, synthetic_prepared, time_steps
+from benchlib import cpu_bf16_arm, cpu_step_arguments, make_trainer, modernbert_peer, synthetic_prepared, time_steps
 
 
 def main() -> int:
@@ -28,13 +29,14 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peer = modernbert_peer(args.preset)
+    dtype = "bf16" if cpu_bf16_arm("the compiled step") else "fp32"
     with tempfile.TemporaryDirectory() as tmp:
         prepared = synthetic_prepared(Path(tmp) / "data", 8192, 1_000_000)
         runs, first, warm = {}, {}, {}
         for compiled in (False, True):
             runs[compiled] = make_trainer(prepared, "mlm", [peer], batch_size=args.batch_size, seq_len=args.seq_len,
                                           device="cpu", model={"family": "modernbert", "dropout": 0.0},
-                                          train={"dtype": "bf16", "lr": 2e-3, "seed": 0, "compile": compiled},
+                                          train={"dtype": dtype, "lr": 2e-3, "seed": 0, "compile": compiled},
                                           data={"mask_prob": 0.3})
             t0 = time.perf_counter()
             first[compiled] = float(runs[compiled].train_step().parts["ce"][0])
@@ -45,7 +47,8 @@ def main() -> int:
             for compiled in (False, True):
                 times[compiled].append(time_steps(runs[compiled], args.steps, warmup=0).seconds)
     eager, comp = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.preset} ModernBERT MLM, bf16 autocast, batch {args.batch_size} x {args.seq_len}, {args.threads} "
+    precision = "bf16 autocast" if dtype == "bf16" else "fp32"
+    print(f"{args.preset} ModernBERT MLM, {precision}, batch {args.batch_size} x {args.seq_len}, {args.threads} "
           f"threads; median of {args.reps} rounds of {args.steps} steps, arms alternating")
     print(f"first {args.warmup} steps: eager {warm[False]:.1f} s, compiled {warm[True]:.1f} s "
           f"(compiling: {warm[True] - warm[False]:.1f} s)")

@@ -23,7 +23,7 @@ from tokenizers.models import WordLevel
 from dwml.config import RunConfig, from_dict, merge
 from dwml.models.flops import step_flops
 from dwml.io import write_json
-from dwml.training.runtime import compute_init
+from dwml.training.runtime import compute_init, cpu_has_bf16_kernels
 from dwml.data.shards import META_FORMAT, dtype_for_vocab, write_shard
 from dwml.data.tokenizer import N_SPECIAL, SPECIAL_TOKENS
 from dwml.training.train import Trainer
@@ -64,6 +64,16 @@ def make_trainer(prepared: Path, method: str, peers: list[dict], *, batch_size: 
     run = Trainer(cfg, rt)
     run.start_clock()
     return run
+
+
+def cpu_bf16_arm(what: str) -> bool:
+    """Whether a CPU benchmark can time bf16: without bf16 matmul kernels the trainer trains in fp32
+    (`dwml.training.runtime`), so a "bf16" arm would time fp32 under another name; says so when it cannot."""
+    if cpu_has_bf16_kernels():
+        return True
+    print(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 matmul kernels (AVX512, AMX or ARM "
+          f"bf16): dwml trains it in fp32, so {what} is measured in fp32 only")
+    return False
 
 
 def sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ import torch
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dwml.errors import DwmlError
+from dwml.evaluation import evaluate as evaluate_mod
 from dwml.evaluation.evaldata import MinimalPair, load_task
 from dwml.evaluation.evaluate import evaluate_model, evaluate_path, find_models, format_report, register, score_pairs
 from dwml.evaluation.outcomes import summarize
@@ -196,7 +197,19 @@ def test_path_errors(tmp_path, tok):
         evaluate_path(run, "blimp_fast", method="ppl")
 
 
-def test_cli_prints_table_and_writes_json(tmp_path, tok, capsys):
+def test_bf16_scoring_on_a_cpu_without_bf16_kernels_is_refused(tmp_path, tok, monkeypatch):
+    """bf16 scoring where the CPU has no bf16 matmul would be slower than fp32 by orders of magnitude: refused
+    before any model is scored, naming the flag."""
+    monkeypatch.setattr(evaluate_mod, "cpu_has_bf16_kernels", lambda: False)
+    folder = tmp_path / "m"
+    make_model(tok, seed=8).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with pytest.raises(DwmlError, match="--precision bf16: this CPU has no bf16 matmul kernels"):
+        evaluate_path(folder, "blimp_fast", device="cpu", precision="bf16", data_dir=EVAL_DATA)
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, tok, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_mod, "cpu_has_bf16_kernels", lambda: True)  # bf16 scoring, on any CPU
     folder = tmp_path / "m"
     make_model(tok, seed=8).save_pretrained(folder)
     tok.save_pretrained(folder)

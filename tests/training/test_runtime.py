@@ -54,15 +54,17 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     assert default > 100 and kept < default / 3, (default, kept)
 
 
-def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function():
+def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function(monkeypatch):
     """Runtime.autocast on the CPU in bf16 selects SDPA's math backend (faster than the CPU flash kernel's bf16
     backward; benchmarks/bench_cpu_attention.py); fp32 and `cpu_math_attention = False` leave SDPA's choice alone.
     Both paths give the same attention output and input gradient to bf16 precision."""
     import torch
     import torch.nn.functional as F
 
+    from dwml.training import runtime
     from dwml.training.runtime import compute_init
 
+    monkeypatch.setattr(runtime, "cpu_has_bf16_kernels", lambda: True)  # the mechanism, on any CPU
     rt, fp32 = compute_init("cpu", 0, "bf16"), compute_init("cpu", 0, "fp32")
     with rt.autocast():
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
@@ -80,3 +82,34 @@ def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function()
         grads.append((out.float(), torch.autograd.grad(out.float().square().sum(), q)[0]))
     (o1, g1), (o2, g2) = grads
     assert torch.allclose(o1, o2, atol=3e-2, rtol=3e-2) and torch.allclose(g1, g2, atol=0.1, rtol=5e-2)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_and_says_so(monkeypatch, capsys):
+    """An AVX2-only CPU has no bf16 matmul (1 GFLOP/s against fp32's 76 on a 2-core EPYC): `train.dtype = "bf16"`
+    falls back to fp32 with one notice; where the kernels exist it stays bf16; `auto` is fp32 on any CPU."""
+    import torch
+
+    from dwml.training import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16_kernels", lambda: False)
+    assert runtime.compute_init("cpu", 0, "bf16").autocast_dtype is None
+    err = capsys.readouterr().err
+    assert err.count("dwml: notice: train.dtype = 'bf16'") == 1 and "training in fp32" in err
+    assert runtime.compute_init("cpu", 0, "auto").autocast_dtype is None and capsys.readouterr().err == ""
+    monkeypatch.setattr(runtime, "cpu_has_bf16_kernels", lambda: True)
+    assert runtime.compute_init("cpu", 0, "bf16").autocast_dtype is torch.bfloat16
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bf16_run_on_such_a_cpu_records_that_it_trained_in_fp32(tiny_prepared, tmp_path, monkeypatch):
+    import json
+
+    from dwml.training import runtime
+    from dwml.training.train import train
+    from runfixtures import make_cfg
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16_kernels", lambda: False)
+    summary = train(make_cfg(tiny_prepared, tmp_path / "run", train={"dtype": "bf16", "max_steps": 2}))
+    assert summary["precision"] == "fp32"
+    assert json.loads((tmp_path / "run" / "final" / "summary.json").read_text())["precision"] == "fp32"
+    assert 'dtype = "bf16"' in (tmp_path / "run" / "config.toml").read_text()  # what was asked, as resolved

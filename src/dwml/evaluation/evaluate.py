@@ -30,6 +30,7 @@ from ..checks import check_finite_scores, check_model_tokenizer, check_same_toke
 from ..errors import DwmlError
 from ..io import check_output_file, result_document, write_json
 from ..models.memory import check_folder_memory
+from ..training.runtime import cpu_has_bf16_kernels
 from ..training.runtime import resolve_device as runtime_resolve_device
 from .babylm_data import is_babylm_task, load_babylm_task, metric_of, score_columns, task_scores
 from .babylm_tasks import describe, detail_rows, evaluate_babylm_task
@@ -186,6 +187,9 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
     check_ewok_pairing(ewok_pairing)
     task_names = parse_tasks(tasks)
     dev = resolve_device(device)
+    if precision == "bf16" and dev.type == "cpu" and not cpu_has_bf16_kernels():
+        raise DwmlError("--precision bf16: this CPU has no bf16 matmul kernels (AVX512, AMX or ARM bf16), so bf16 "
+                        "scoring would be far slower than fp32 here; use --precision fp32")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     # read once, shared by all models
     task_pairs = {t: load_babylm_task(t, data_dir, limit) if is_babylm_task(t) else

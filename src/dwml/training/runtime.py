@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,11 @@ class Runtime:
     @property
     def is_master(self) -> bool:
         return self.rank == 0
+
+    @property
+    def precision(self) -> str:
+        """What the run's summary records: what the step really ran in (an AVX2 CPU's bf16 request falls back)."""
+        return "fp32" if self.autocast_dtype is None else "bf16 autocast"
 
     def autocast(self):
         """Mixed precision context: bf16 autocast (no loss scaling needed), nothing in plain fp32.
@@ -101,6 +107,11 @@ def keep_freed_cpu_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP))
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512 / AVX512-BF16 / AMX on x86, bf16 on ARM)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def compute_init(device: str = "auto", seed: int = 0, dtype: str = "auto") -> Runtime:
     """Pick the device, the autocast dtype, seed all RNGs and join the process group when launched by torchrun.
 
@@ -117,14 +128,17 @@ def compute_init(device: str = "auto", seed: int = 0, dtype: str = "auto") -> Ru
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dtype == "auto":
-        amp = torch.bfloat16 if dev.type == "cuda" else None
-    elif dtype == "bf16":
-        amp = torch.bfloat16
-    elif dtype == "fp32":
-        amp = None
-    else:
+    if dtype not in ("auto", "bf16", "fp32"):
         raise DwmlError(f"train.dtype: expected auto|bf16|fp32, got {dtype!r}")
+    amp = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else None
+    if amp is not None and dev.type == "cpu" and not cpu_has_bf16_kernels():
+        # Without AVX512 / AMX / ARM bf16, oneDNN has no bf16 matmul and torch falls back to a scalar loop: on a 2-core
+        # AVX2 EPYC a 1024^3 bf16 matmul ran at 1 GFLOP/s against fp32's 76 (benchmarks/profile_cpu_step.py), so a
+        # "30-minute" bf16 config would take days. fp32 trains the same model at the speed this CPU has.
+        amp = None
+        if rank == 0:
+            print(f"dwml: notice: train.dtype = {dtype!r}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+                  "bf16 matmul kernels (AVX512, AMX or ARM bf16); training in fp32 instead", file=sys.stderr)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -434,7 +434,7 @@ class Trainer:
                          for h, v in zip(history, final["valid_loss"])]
                 summary = dict(
                     method=self.cfg.train.method, steps=self.step, omega=self.omega.omega.tolist(),
-                    omega_learned=self.learn_omega, ema_decay=self.cfg.train.ema_decay,
+                    omega_learned=self.learn_omega, ema_decay=self.cfg.train.ema_decay, precision=rt.precision,
                     peers=peer_summaries(self.archs, final["valid_loss"], exits, final["batches"]),
                     unigram_entropy=self.unigram, initial_valid_loss=self.initial_valid, train_seconds=self.elapsed(),
                     train_tokens=int(self.batches.train.tokens_seen) * rt.world_size,
