@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,27 @@ def live_weights(name: str, root: Path) -> Path:
     return target
 
 
+def tokenizer_form(name: str, root: Path, line_ends: bool) -> Path:
+    """OUT/<variant>_lines/ (`line_ends`) or OUT/<variant>_newline/: the variant's final weights and summary with its
+    prepared tokenizer read as `dwml.data.tokenizer.with_line_ends` has it (a line break = </s>) or as prepared (the
+    newline token), whichever the run did not export (runs before dwml exported line ends have the newline form).
+    Both forms of one run's weights are scored on the same pairs: the tokenizer's own effect, free of the seed's."""
+    from dwml.checks import tokenizer_fingerprint
+    from dwml.data.tokenizer import copy_tokenizer
+
+    src, target = root / name / "final", root / f"{name}_{'lines' if line_ends else 'newline'}" / "final"
+    summary = json.loads((src / "summary.json").read_text())
+    if not (target / "summary.json").is_file():
+        (target / "peer0").mkdir(parents=True)
+        for f in (src / "peer0").iterdir():  # weights and config; the tokenizer is written below
+            if not f.name.startswith("tokenizer"):
+                shutil.copy2(f, target / "peer0" / f.name)
+        copy_tokenizer(summary["tokenizer"], target / "peer0", line_ends=line_ends)
+        summary.update(tokenizer_line_ends=line_ends, export_tokenizer_sha256=tokenizer_fingerprint(target / "peer0"))
+        (target / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return target.parent
+
+
 def evaluations_of(name: str, root: Path) -> list[dict]:
     """The model's part of every `dwml eval` of the variant (OUT/<variant>.eval.json and the screens
     OUT/<variant>.<tasks>.eval.json): a run's peer0, or the one model of a folder (OUT/<variant>_live)."""
@@ -264,6 +286,10 @@ def main() -> int:
     ap.add_argument("--live", action="store_true",
                     help="for the --only variants that average their weights: also write OUT/<variant>_live (the "
                          "last checkpoint's live weights) and evaluate it on --tasks (compare with --paired)")
+    ap.add_argument("--line-ends", action="store_true",
+                    help="for the --only variants: also write and evaluate on --tasks the other tokenizer form of "
+                         "their weights (OUT/<variant>_lines: a line break read as </s>, or OUT/<variant>_newline; "
+                         "compare with --paired)")
     ap.add_argument("--paired", default="", metavar="A,B",
                     help="train nothing: the paired bootstrap of variant A minus variant B on their evaluations")
     ap.add_argument("--forms", default="", metavar="A,B,...",
@@ -274,6 +300,7 @@ def main() -> int:
     only = [x for x in (args.paired or args.only).split(",") if x]
     if args.paired:  # the live weights of an averaging variant (--live) are comparable too
         names += [f"{n}_live" for n, _, over in VARIANTS if over.get("train.ema_decay")]
+        names += [f"{n}_{form}" for n, _, _ in VARIANTS for form in ("lines", "newline")]
     if args.paired and len(only) != 2:
         print(f"grammar_study: --paired expects two variants A,B, got {args.paired!r}", file=sys.stderr)
         return 2
@@ -312,6 +339,10 @@ def main() -> int:
         if args.live and recipe.get("train.ema_decay"):
             evaluate(f"{name}_live", live_weights(name, out_root), args.threads, args.tasks,
                      ("--reference-data", data))
+        if args.line_ends:
+            form = not summary.get("tokenizer_line_ends", False)
+            evaluate(f"{name}_{'lines' if form else 'newline'}", tokenizer_form(name, out_root, form), args.threads,
+                     args.tasks)
         rows.append(row(name, what, summary, *scores_of(name, out_root)))
         print(table(rows[-1:], args.minutes), flush=True)
     text = table(rows, args.minutes)

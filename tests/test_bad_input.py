@@ -204,7 +204,7 @@ def test_prepared_data_tokenizer_is_checked_before_training(tiny_prepared, tmp_p
 
 def test_export_checks_the_tokenizer_hash_of_the_run(run, tmp_path, capsys):
     summary = json.loads((run / "final" / "summary.json").read_text())
-    assert summary["tokenizer_sha256"] == checks.tokenizer_fingerprint(run / "final" / "peer0")
+    assert summary["export_tokenizer_sha256"] == checks.tokenizer_fingerprint(run / "final" / "peer0")
     swapped = tmp_path / "swapped_run"
     shutil.copytree(run, swapped)
     tok_file = swapped / "final" / "peer0" / "tokenizer.json"

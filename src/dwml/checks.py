@@ -243,6 +243,12 @@ def check_same_tokenizer(path: str | Path, expected: str | None, what: str) -> N
                                f"expected {expected[:12]}...)")
 
 
+def exported_tokenizer_sha(summary: dict) -> str | None:
+    """The fingerprint of the tokenizer a run's model folders carry: the prepared one's, or (a run that exports it
+    reading line breaks as </s>, `dwml.data.tokenizer.with_line_ends`) the one recorded at export."""
+    return summary.get("export_tokenizer_sha256") or summary.get("tokenizer_sha256")
+
+
 def check_model_tokenizer(path: str | Path, tokenizer: Any = None, model: Any = None) -> None:
     """A model folder must carry tokenizer files (else transformers builds an empty tokenizer that turns every
     sentence into unknown tokens and scores 0%), and its tokenizer must fit the model's embedding matrix."""

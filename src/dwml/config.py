@@ -60,7 +60,8 @@ class DataConfig:
     replace_random: float = 0.1
     # What ends each utterance (document) of a packed sequence but the last: "eos" (`<s> u1 </s> u2 </s>`) or
     # "newline" (`<s> u1 \n u2 </s>`: the tokenizer's newline token, the separator of BabyLM's dialogue pairs -
-    # qa_congruence, turn_taking - which an "eos" model only ever sees there, as an untrained embedding). The newline
+    # qa_congruence, turn_taking). An "eos" run exports a tokenizer that reads a line break as </s>
+    # (`dwml.data.tokenizer.with_line_ends`), so its model meets those pairs as the lines it trained on. The newline
     # is a real token (masked and predicted like the others), so losses do not compare across the two. "mixed": the
     # newline after half of the utterances (a fixed hash of each one's index), </s> after the others, so that a
     # model knows both the dialogue form and BLiMP's `<s> sentence </s>`.

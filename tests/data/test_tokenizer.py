@@ -14,8 +14,10 @@ from dwml.data.tokenizer import (
     copy_tokenizer,
     load_raw,
     load_tokenizer,
+    reads_line_ends,
     save_tokenizer,
     train_tokenizer,
+    with_line_ends,
 )
 
 WORDS = "the a cat dog sat on mat big small red ran jumped house tree girl boy saw with and it is was".split()
@@ -159,3 +161,29 @@ def test_bad_settings():
         train_tokenizer(corpus(10), vocab_size=260)
     with pytest.raises(DwmlError, match="min_frequency"):
         train_tokenizer(corpus(10), vocab_size=300, min_frequency=0)
+
+
+@pytest.mark.parametrize("loader", [AutoTokenizer, AutoProcessor], ids=["AutoTokenizer", "AutoProcessor"])
+def test_line_ends_read_a_line_break_as_eos(saved, tmp_path, loader):
+    """An exported tokenizer of an eos-separator run reads "\n" (and the spaces around it) as </s>: the form of
+    two consecutive corpus lines in training; every text without a line break keeps its ids exactly."""
+    _, tok, path = saved
+    lines = with_line_ends(tok)
+    plain = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    q, a = "the cat sat on the mat?", "a dog ran."
+    want = [0, *plain(q), 2, *plain(a), 2]
+    for text in (f"{q}\n{a}", f"{q} \n  {a}", f"{q}\r\n{a}"):
+        assert lines.encode(text).ids == want, text
+    assert lines.encode(f"{q}\n\n{a}").ids == want  # one line end however many breaks
+    assert tok.encode(f"{q}\n{a}").ids != want  # the prepared tokenizer: the byte-level newline token
+    for text in PROBES + corpus(200, seed=2):
+        assert lines.encode(text).ids == tok.encode(text).ids, text
+    enc = lines.encode(f"{q}\n{a}")  # the </s> spans the line break's characters (BabyLM's pipeline scores it)
+    assert enc.offsets[enc.ids.index(2)] == (len(q), len(q) + 1)
+    assert with_line_ends(lines).to_str() == lines.to_str()  # idempotent
+    out = copy_tokenizer(path, tmp_path / "lines", line_ends=True)
+    assert reads_line_ends(out) and not reads_line_ends(path) and not reads_line_ends(tmp_path / "nothing")
+    hf = loader.from_pretrained(str(out))  # transformers keeps the reading (checked by load_tokenizer too)
+    assert hf(f"{q}\n{a}")["input_ids"] == want
+    assert load_tokenizer(path, line_ends=True)(f"{q}\n{a}")["input_ids"] == want
+    assert load_tokenizer(path)(f"{q}\n{a}")["input_ids"] == tok.encode(f"{q}\n{a}").ids

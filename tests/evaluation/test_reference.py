@@ -129,6 +129,7 @@ PAIRS = [
     ("He ate it.", "He ate it.", None, None),  # identical: a tie for both lines
     ("The ball is in the box.", "The box is in the ball.", "Ana put a ball in a box.", "Ana put a ball in a box."),
     ("It is wet.", "It is wet.", "It rained.", "It was sunny."),  # EWoK contexts: the same target after two contexts
+    ("What did you get?\nI got a chair.", "What did you get?\nI got a teacher.", None, None),  # a supplement dialogue
 ]
 
 
@@ -148,19 +149,22 @@ def _direct(prepared):
         ids, offs = enc["input_ids"], enc["offset_mapping"]
         scored = [i for i in range(1, len(ids) - 1) if offs[i][1] > (len(prefix) if prefix else 0)]
         ctx = lambda i: (ids[i - 2] if i >= 2 else BOS_ID, ids[i - 1])  # noqa: E731
-        uni = math.fsum(math.log((counts[ids[i]] + 1) / (n + shard.vocab_size - N_SPECIAL)) for i in scored)
+        uni = math.fsum(math.log((counts[ids[i]] + 1) / (n + shard.vocab_size - N_SPECIAL)) for i in scored
+                        if ids[i] != EOS_ID)  # a line end read as </s>: no unigram term (the same on both sides)
         return uni, math.fsum(math.log(p3(*ctx(i), ids[i])) for i in scored + [len(ids) - 1])
 
     return score
 
 
-def test_pair_scores_equal_a_direct_implementation_with_prefixes_and_ties(tiny_prepared):
+@pytest.mark.parametrize("line_ends", [False, True], ids=["prepared", "line-ends"])
+def test_pair_scores_equal_a_direct_implementation_with_prefixes_and_ties(tiny_prepared, line_ends):
     from dwml.data.tokenizer import load_tokenizer
     from dwml.evaluation.evaldata import MinimalPair
     from dwml.evaluation.outcomes import summarize
 
     tokens, stream, vocab = ref.train_stream(tiny_prepared)
-    tok = load_tokenizer(tiny_prepared / "tokenizer")
+    tok = load_tokenizer(tiny_prepared / "tokenizer", line_ends=line_ends)  # the dialogue's line break: </s> or not
+    assert tok(PAIRS[-1][0])["input_ids"].count(EOS_ID) == (2 if line_ends else 1)
     pairs = [MinimalPair(g, b, "grp", "f", good_prefix=gp, bad_prefix=bp) for g, b, gp, bp in PAIRS]
     scores = ref.score_reference(ref.Unigram(tokens, vocab), ref.KneserNeyTrigram(stream, vocab), tok, pairs)
     direct = _direct(tiny_prepared)
@@ -170,7 +174,7 @@ def test_pair_scores_equal_a_direct_implementation_with_prefixes_and_ties(tiny_p
             assert math.isclose(scores["unigram"][side][i], uni, rel_tol=1e-9)
             assert math.isclose(scores["kn_trigram"][side][i], tri, rel_tol=1e-9)
     res = summarize(pairs, *scores["unigram"])
-    assert res["ties"] >= 2 and res["accuracy"] - res["strict_accuracy"] == pytest.approx(100 * res["ties"] / 5)
+    assert res["ties"] >= 2 and res["accuracy"] - res["strict_accuracy"] == pytest.approx(100 * res["ties"] / 6)
 
 
 def _eval_dir(root):

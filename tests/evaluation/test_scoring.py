@@ -200,6 +200,36 @@ def test_prefix_scores_only_the_continuation(tok):
     assert copies.target.tolist() == enc.input_ids[-1 - n_target:-1]
 
 
+def pipeline_indices(tokenizer, sentence: str, completion: str) -> list[int]:
+    """babylm/evaluation-pipeline-2025 `process_mlm_sentences`, transcribed: the positions it masks and scores are
+    the tokens whose character span ends after the completion starts."""
+    out = tokenizer(sentence, return_offsets_mapping=True)
+    start = len(sentence) - len(completion)
+    return [i for i, (_, end) in enumerate(out["offset_mapping"]) if end > start]
+
+
+def test_scored_tokens_are_the_pipelines_even_a_line_end(tok, sentences, tmp_path):
+    """With an exported eos-run tokenizer a line break is </s>; the pipeline masks and scores that </s> (its span is
+    the line break), and so does dwml, while the added <s> ... </s> are never scored."""
+    from dwml.data.tokenizer import copy_tokenizer, load_tokenizer
+
+    tok.save_pretrained(tmp_path / "plain")
+    lines = load_tokenizer(copy_tokenizer(tmp_path / "plain", tmp_path / "lines", line_ends=True))
+    dialogue = ["What did you get?\nI got a chair.", "A: Who cleaned?\nB: The patio.", "one line only."]
+    for tokenizer in (tok, lines):
+        texts = dialogue + sentences[:4]
+        for prefix in (0, 5):  # a whole text, and a completion after the first 5 characters
+            copies = build_masked_copies(tokenizer, texts, [prefix] * len(texts), "pll")
+            for j, text in enumerate(texts):
+                mine = copies.pos[copies.sent == j].tolist()
+                assert sorted(mine) == pipeline_indices(tokenizer, text, text[prefix:]), (text, prefix)
+    enc = lines(dialogue[0])["input_ids"]
+    assert enc.count(2) == 2 and enc[-1] == 2  # the line end and the closing </s>
+    scored = build_masked_copies(lines, dialogue[:1], [0], "pll")
+    assert 2 in scored.target.tolist() and 0 not in scored.target.tolist()
+    assert scored.pos.tolist().count(len(enc) - 1) == 0  # the closing </s> is not scored
+
+
 def test_l2r_masks_the_rest_of_the_word(tok):
     text = "Who should Derek hug after shocking Richard?"
     enc = tok(text)

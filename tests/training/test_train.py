@@ -249,3 +249,27 @@ def test_resume_refuses_other_inputs_than_the_run_started_with(tiny_corpus, tiny
     what = "tokenizer" if change == "tokenizer" else "teacher model"
     assert f"this run started with another {what}" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("separator", ["eos", "newline"])
+def test_exported_tokenizer_reads_a_line_break_as_the_run_learnt_it(tiny_prepared, tmp_path, separator):
+    """data.separator = "eos": every corpus line ended with </s>, so the exported tokenizer reads "\n" as </s>; a
+    "newline" model learnt the newline token and keeps it. The summary records the exported fingerprint, which
+    `dwml eval` and `dwml export` check the model folders against."""
+    from dwml.checks import tokenizer_fingerprint
+    from dwml.data.tokenizer import newline_id, reads_line_ends
+    from dwml.evaluation.evaluate import find_models
+
+    run = tmp_path / "run"
+    train(make_cfg(tiny_prepared, run, data={"separator": separator},
+                   train={"max_steps": 4, "eval_every": 4, "save_every": 4}))
+    final, eos = run / "final", separator == "eos"
+    summary = json.loads((final / "summary.json").read_text())
+    assert summary["tokenizer_line_ends"] is eos and reads_line_ends(final / "peer0") is eos
+    assert summary["export_tokenizer_sha256"] == tokenizer_fingerprint(final / "peer0")
+    assert (summary["export_tokenizer_sha256"] != summary["tokenizer_sha256"]) is eos
+    ids = AutoTokenizer.from_pretrained(final / "peer0")("the cat sat.\nthe dog ran.")["input_ids"]
+    assert ids.count(2) == (2 if eos else 1) and (newline_id(tiny_prepared / "tokenizer") in ids) is not eos
+    plain, exported = (AutoTokenizer.from_pretrained(d) for d in (tiny_prepared / "tokenizer", final / "peer0"))
+    assert exported("the cat sat.")["input_ids"] == plain("the cat sat.")["input_ids"]
+    assert len(find_models(run)[0]) == 1  # the folders pass the tokenizer check of dwml eval

@@ -19,6 +19,7 @@ too, so that `AutoProcessor` (what BabyLM's pipeline calls) finds a tokenizer ev
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -150,16 +151,53 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, *, model_max_length: int
     return out_dir
 
 
-def copy_tokenizer(src: str | Path, out_dir: str | Path) -> Path:
+def copy_tokenizer(src: str | Path, out_dir: str | Path, *, line_ends: bool = False) -> Path:
     """Re-write the tokenizer of folder `src` into `out_dir` in the format above (also repairs folders written by
-    older dwml versions, whose config named the transformers-5-only `TokenizersBackend`)."""
+    older dwml versions, whose config named the transformers-5-only `TokenizersBackend`); with `line_ends`, as
+    `with_line_ends` has it."""
     src = Path(src)
     config_path = src / "tokenizer_config.json"
     config = read_json(config_path, "tokenizer config") if config_path.is_file() else {}
     max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH) if isinstance(config, dict) else None
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise DwmlError(f"{config_path}: model_max_length: expected a positive integer, got {max_length!r}")
-    return save_tokenizer(load_raw(src), out_dir, model_max_length=max_length)
+    tok = load_raw(src)
+    return save_tokenizer(with_line_ends(tok) if line_ends else tok, out_dir, model_max_length=max_length)
+
+
+# A line break, with the spaces around it, as the normalizer's last step writes it: "</s>", which the added </s> (then
+# matched in the normalized text) turns into its id. See `with_line_ends`.
+LINE_END = {"type": "Replace", "pattern": {"Regex": r"\s*\n\s*"}, "content": SPECIAL_TOKENS[EOS_ID]}
+
+
+def with_line_ends(tok: Tokenizer) -> Tokenizer:
+    """A copy of `tok` that reads a line break as </s>: "What did you get?\nI got a chair." becomes
+    `<s> What did you get? </s> I got a chair. </s>`, the form in which a model trained with data.separator = "eos"
+    saw every pair of consecutive lines of its corpus (one document per line, each ended by </s>).
+
+    Without it such a model meets the byte-level newline token (never in its input: `dwml prepare` reads documents
+    line by line) in the middle of the BabyLM supplement's dialogue pairs, where an untrained embedding stands between
+    question and answer. Text without a line break tokenises exactly as before (the step only matches "\n"), so
+    nothing the model was trained on changes. Idempotent."""
+    spec = json.loads(tok.to_str())
+    steps = (spec.get("normalizer") or {"type": "Sequence", "normalizers": []})
+    steps = steps.get("normalizers", []) if steps.get("type") == "Sequence" else [steps]
+    if LINE_END not in steps:
+        steps = [*steps, LINE_END]
+    spec["normalizer"] = {"type": "Sequence", "normalizers": steps}
+    for t in spec.get("added_tokens", []):
+        if t["id"] == EOS_ID:
+            t["normalized"] = True  # matched after the normalizer, so the "</s>" it writes becomes the token
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def reads_line_ends(path: str | Path) -> bool:
+    """Whether the saved tokenizer at `path` (a folder or its tokenizer.json) reads a line break as </s>
+    (`with_line_ends`); False for a folder without tokenizer.json (not a dwml tokenizer)."""
+    path = Path(path)
+    if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
+        return False
+    return load_raw(path).encode("a\nb", add_special_tokens=False).ids[1:2] == [EOS_ID]
 
 
 def load_raw(path: str | Path) -> Tokenizer:
@@ -181,11 +219,15 @@ def newline_id(path: str | Path) -> int:
     return ids[0]
 
 
-def load_tokenizer(path: str | Path):
-    """`AutoTokenizer.from_pretrained(path)`, checked to run the saved normalizer (see the module docstring)."""
+def load_tokenizer(path: str | Path, *, line_ends: bool = False):
+    """`AutoTokenizer.from_pretrained(path)`, checked to run the saved normalizer (see the module docstring); with
+    `line_ends`, the tokenizer `with_line_ends` makes of it."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if line_ends and not reads_line_ends(path):
+        with tempfile.TemporaryDirectory(prefix="dwml-tokenizer-") as tmp:  # loaded into memory: the files can go
+            return load_tokenizer(copy_tokenizer(path, tmp, line_ends=True))
     raw = load_raw(path)
     hf = AutoTokenizer.from_pretrained(str(path))
     saved = json.loads(raw.to_str()).get("normalizer")
@@ -199,4 +241,7 @@ def load_tokenizer(path: str | Path):
         raise DwmlError(
             f"{path}: expected <mask>={MASK_ID} and <pad>={PAD_ID}, got {hf.mask_token_id} and {hf.pad_token_id}"
         )
+    probe = "a\nb </s>"  # re-registered special tokens would lose the line-end reading (`with_line_ends`)
+    if hf(probe)["input_ids"] != raw.encode(probe).ids:
+        raise DwmlError(f"{path}: AutoTokenizer does not tokenise {probe!r} as the saved tokenizer.json does")
     return hf

@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checks import check_finite_scores, check_model_tokenizer, check_same_tokenizer, model_files
+from ..checks import (check_finite_scores, check_model_tokenizer, check_same_tokenizer, exported_tokenizer_sha,
+                      model_files)
+from ..data.tokenizer import reads_line_ends
 from ..errors import DwmlError
 from ..io import check_output_file, result_document, write_json
 from ..models.memory import check_folder_memory
@@ -143,7 +145,7 @@ def find_models(path: str | Path) -> tuple[list[tuple[str, Path]], list[float] |
             raise DwmlError(f"{summary_file}: {len(omega)} omega weights but missing peer folder(s) {missing}")
         for _, d in peers:  # the run's own tokenizer (recorded at training), not one swapped in since
             check_model_tokenizer(d)
-            check_same_tokenizer(d, summary.get("tokenizer_sha256"), f"the one {path} was trained with")
+            check_same_tokenizer(d, exported_tokenizer_sha(summary), f"the one {path} was trained with")
         return peers, [float(w) for w in omega]
     if (path / "config.json").is_file():
         return [(path.name or "model", path)], None
@@ -204,8 +206,10 @@ def evaluate_path(path: str | Path, tasks: str | Sequence[str] = DEFAULT_TASKS, 
               "metrics": {c: metric_of(c) for c in score_columns(task_names)}, "models": {}}
     ref_dir = (Path(reference_data) if reference_data is not None else run_prepared_dir(path)) if reference else None
     if ref_dir is not None:  # before any model loads; cached in the prepared directory after the first time
+        line_ends = all(reads_line_ends(d) for _, d in entries)  # tokenised as the models read the texts
         result["reference"] = reference_results(ref_dir, task_names, data_dir=data_dir, limit=limit,
-                                                ewok_pairing=ewok_pairing, task_pairs=task_pairs, log=log)
+                                                ewok_pairing=ewok_pairing, task_pairs=task_pairs, log=log,
+                                                line_ends=line_ends)
 
     def run(name, model, tokenizer):
         if log:

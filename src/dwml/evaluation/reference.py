@@ -180,7 +180,9 @@ def score_reference(unigram: Unigram, trigram: KneserNeyTrigram, tokenizer,
     terms, index, n = text_terms(tokenizer, pairs)
     t, e = terms["tokens"], terms["ends"]
     per_text = {
-        "unigram": _sums(t["sent"], unigram.log_prob(t["w"]), n),
+        # A line break read as </s> (`with_line_ends`) is the same term of both sides under a unigram, which
+        # predicts no specials: skipped. The trigram predicts </s> in its context, as it does at every text's end.
+        "unigram": _sums(t["sent"][t["w"] != EOS_ID], unigram.log_prob(t["w"][t["w"] != EOS_ID]), n),
         "kn_trigram": _sums(np.concatenate([t["sent"], e["sent"]]),
                             np.log(np.concatenate([trigram.prob(t["u"], t["v"], t["w"]),
                                                    trigram.prob(e["u"], e["v"], e["w"])])), n),
@@ -213,12 +215,13 @@ def _pairs_sha(pairs: Sequence[MinimalPair]) -> str:
 def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_dir: str | Path | None = None,
                       limit: int | None = None, ewok_pairing: str = EWOK_PAIRINGS[0],
                       task_pairs: dict[str, list[MinimalPair]] | None = None,
-                      log: Callable[[str], None] | None = None) -> dict | None:
+                      log: Callable[[str], None] | None = None, line_ends: bool = False) -> dict | None:
     """The reference lines of `prepared`'s train split on the minimal-pair tasks among `tasks` (others skipped;
-    None when there is none).
+    None when there is none). `line_ends`: texts tokenised with a line break read as </s>, as the models of a run
+    trained with data.separator = "eos" read them (`dwml.data.tokenizer.with_line_ends`).
 
-    Returns {"prepared", "tokenizer_sha256", "discount", "models_text", "cached": [tasks read from the cache],
-    "seconds", "models": {"unigram" | "kn_trigram": {"label", "tasks": {task: summarize(...) without items, with
+    Returns {"prepared", "tokenizer_sha256", "line_ends", "discount", "models_text", "cached": [tasks read from the
+    cache], "seconds", "models": {"unigram" | "kn_trigram": {"label", "tasks": {task: summarize(...) without items, with
     "interval"}, "summary": {task: macro %}, "strict_summary": {...}, "ties": {...}}}}.
     """
     start = time.perf_counter()
@@ -237,7 +240,7 @@ def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_
         pairs = (task_pairs or {}).get(task) or load_task(task, data_dir, limit, ewok_pairing)
         key = {"format": CACHE_FORMAT, "task": task, "models": MODELS_TEXT, "discount": DISCOUNT, "n_boot": N_BOOT,
                "level": LEVEL, "n_pairs": len(pairs), "pairs_sha256": _pairs_sha(pairs), "tokenizer_sha256": tok_sha,
-               "data_sha256": data_sha}
+               "data_sha256": data_sha, **({"line_ends": True} if line_ends else {})}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = prepared / "reference" / f"{task}-{digest}.json"
         entry = _read_cache(path, key)
@@ -248,7 +251,7 @@ def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_
                 t0 = time.perf_counter()
                 tokens, stream, vocab = train_stream(prepared)
                 built.update(unigram=Unigram(tokens, vocab), trigram=KneserNeyTrigram(stream, vocab),
-                             tokenizer=load_tokenizer(prepared / "tokenizer"))
+                             tokenizer=load_tokenizer(prepared / "tokenizer", line_ends=line_ends))
                 if log:
                     log(f"reference lines: counted {tokens.size:,} train tokens of {prepared} "
                         f"({time.perf_counter() - t0:.1f}s)")
@@ -271,8 +274,9 @@ def reference_results(prepared: str | Path, tasks: str | Sequence[str], *, data_
             log(f"  {task}: unigram {u['summary'][task]:.2f}% ({u['strict_summary'][task]:.2f}% with ties wrong), "
                 f"KN trigram {k['summary'][task]:.2f}% ({k['strict_summary'][task]:.2f}%)"
                 + (" [cached]" if task in cached else ""))
-    return {"prepared": str(prepared), "tokenizer_sha256": tok_sha, "discount": DISCOUNT, "models_text": MODELS_TEXT,
-            "cached": cached, "seconds": round(time.perf_counter() - start, 3), "models": out}
+    return {"prepared": str(prepared), "tokenizer_sha256": tok_sha, "line_ends": line_ends, "discount": DISCOUNT,
+            "models_text": MODELS_TEXT, "cached": cached, "seconds": round(time.perf_counter() - start, 3),
+            "models": out}
 
 
 def _read_cache(path: Path, key: dict) -> dict | None:

@@ -65,9 +65,11 @@ def build_masked_copies(tokenizer, texts: Sequence[str], prefix_chars: Sequence[
                         max_length: int | None = None) -> MaskedCopies:
     """Tokenize `texts` (with special tokens) and list the copies to score, with array operations over all tokens.
 
-    A token is scored when it is not special and ends after character `prefix_chars[i]` (0 = whole text): the same
-    rule as BabyLM's pipeline, which scores the tokens overlapping the completion's character span. For l2r, copy t
-    masks t and the rest of its word: up to the end of the run of tokens sharing t's word id.
+    A token is scored when it ends after character `prefix_chars[i]` (0 = whole text): BabyLM's pipeline's rule, which
+    scores the tokens overlapping the completion's character span. The added <s> and </s> span no characters (offsets
+    (0, 0)) and are never scored; a special token that stands for text is: the </s> an exported tokenizer reads a
+    line break as (`dwml.data.tokenizer.with_line_ends`), as the pipeline scores it. For l2r, copy t masks t and the
+    rest of its word: up to the end of the run of tokens sharing t's word id.
     """
     _check_method(method)
     mask_id, pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
@@ -89,7 +91,7 @@ def build_masked_copies(tokenizer, texts: Sequence[str], prefix_chars: Sequence[
     starts = np.cumsum(lengths) - lengths  # first flat index of every text
     sent_of = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(n_tok) - starts[sent_of]
-    scored = ~special & (offsets[:, 1] > np.asarray(prefix_chars, dtype=np.int64)[sent_of])
+    scored = offsets[:, 1] > np.asarray(prefix_chars, dtype=np.int64)[sent_of]
     if method == "pll":
         end = pos + 1
     else:

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer
+from ..checks import check_finite_weights, check_model_tokenizer, check_same_tokenizer, exported_tokenizer_sha
 from ..data.tokenizer import copy_tokenizer
 from ..errors import DwmlError
 from ..io import atomic_dir, check_output_dir, read_json, write_text
@@ -113,7 +113,7 @@ def write_peer(run_dir: Path, peer: int, summary: dict, folder: Path) -> None:
     src = run_dir / "final" / f"peer{peer}"
     check_model_tokenizer(src)
     # The tokenizer must be the one the run was trained with (its hash is in the summary since dwml records it).
-    check_same_tokenizer(src, summary.get("tokenizer_sha256"), f"the one {run_dir} was trained with")
+    check_same_tokenizer(src, exported_tokenizer_sha(summary), f"the one {run_dir} was trained with")
     model, _ = load_masked_lm(src)
     check_finite_weights(model, str(src))
     model.save_pretrained(folder, safe_serialization=True)

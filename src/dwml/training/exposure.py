@@ -153,19 +153,22 @@ class ExposurePlan:
                 "teacher_words": self.teacher_words, "total_words": total,
                 "milestones": {n: s for s, names in self.milestones.items() for n in names if s <= step}}
 
-    def write(self, step: int, run_dir: Path, students, tokenizer_dir: Path, averages=()) -> None:
+    def write(self, step: int, run_dir: Path, students, tokenizer_dir: Path, averages=(), line_ends=False) -> None:
         """The milestones due after `step`, of the averaged weights when the run averages (train.ema_decay)."""
         names = self.milestones.get(step, ())
         if names:
             with all_swapped_in(averages):
                 for name in names:
-                    write_milestone(run_dir, name, step, self.exposure.words_after(step), students, tokenizer_dir)
+                    write_milestone(run_dir, name, step, self.exposure.words_after(step), students, tokenizer_dir,
+                                    line_ends)
 
 
-def write_milestone(run_dir: Path, name: str, step: int, words: int, students, tokenizer_dir: Path) -> Path | None:
+def write_milestone(run_dir: Path, name: str, step: int, words: int, students, tokenizer_dir: Path,
+                    line_ends: bool = False) -> Path | None:
     """RUN/chck/<name>/ (one student) or RUN/chck/<name>/peer{i}/: Hugging Face folders in `dwml export`'s format
-    with milestone.json (step, exact words seen). A folder already there is the same milestone of this run written
-    before a kill (the resumed steps are bit-exact): it is kept, so each milestone is written once."""
+    (the tokenizer as `final/` has it: `line_ends`) with milestone.json (step, exact words seen). A folder already
+    there is the same milestone of this run written before a kill (the resumed steps are bit-exact): it is kept, so
+    each milestone is written once."""
     from transformers.utils import logging as hf_logging
 
     from ..data.tokenizer import copy_tokenizer
@@ -178,7 +181,7 @@ def write_milestone(run_dir: Path, name: str, step: int, words: int, students, t
         for i, s in enumerate(students):
             folder = tmp if len(students) == 1 else tmp / f"peer{i}"
             s.mlm.save_pretrained(folder)
-            copy_tokenizer(tokenizer_dir, folder)
+            copy_tokenizer(tokenizer_dir, folder, line_ends=line_ends)
         write_json(tmp / "milestone.json", {"revision": name, "step": step, "words_seen": words,
                                             "students": len(students)})
     return target

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checks import check_peer_arch, check_peers_file, data_fingerprint, model_fingerprint
+from ..checks import check_peer_arch, check_peers_file, data_fingerprint, model_fingerprint, tokenizer_fingerprint
 from ..config import RunConfig
 from ..data.masking import BatchStream, Prefetcher
 from ..data.shards import PackedSequences, load_meta
@@ -269,16 +269,28 @@ def gather_rng(rt: Runtime):
     return everyone
 
 
-def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict) -> None:
-    """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer) + summary.json, swapped in atomically."""
+def export_line_ends(cfg: RunConfig) -> bool:
+    """Whether the run's model folders carry a tokenizer that reads a line break as </s>
+    (`dwml.data.tokenizer.with_line_ends`): with data.separator = "eos" every line of the corpus ended with </s> in
+    training and the newline token never appeared, so that is how the model knows a line to end. A "newline" or
+    "mixed" model learnt the newline token itself and keeps it."""
+    return cfg.data.separator == "eos"
+
+
+def export_final(run_dir: Path, students: list[Student], tokenizer_dir: Path, summary: dict,
+                 line_ends: bool = False) -> dict:
+    """RUN/final/peer{i}/: Hugging Face folders (model + tokenizer, `export_line_ends`) + summary.json, swapped in
+    atomically. Returns what the export adds to the summary: the exported tokenizer's form and fingerprint."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the middle of our own output
     with atomic_dir(run_dir / "final") as tmp:
         for i, s in enumerate(students):
             s.mlm.save_pretrained(tmp / f"peer{i}")
-            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}")  # loadable in transformers 4.x and 5.x
-        write_json(tmp / "summary.json", summary)
+            copy_tokenizer(tokenizer_dir, tmp / f"peer{i}", line_ends=line_ends)  # loads in transformers 4.x and 5.x
+        exported = {"tokenizer_line_ends": line_ends, "export_tokenizer_sha256": tokenizer_fingerprint(tmp / "peer0")}
+        write_json(tmp / "summary.json", {**summary, **exported})
+    return exported
 
 
 def peer_summaries(archs: list[tuple[str, Arch]], valid_loss: list[float], exits: list[int | None],

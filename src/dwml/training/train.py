@@ -38,9 +38,9 @@ from .metrics import MetricsLog
 from .plateau import plateau_exit_step, valid_history
 from .runtime import Runtime, compute_cleanup, compute_init
 from .schedule import lr_factor
-from .setup import (build_students, check_memory, dump_rank_state, export_final, gather_rng, initial_omega,
-                    input_fingerprints, load_teacher, make_batches, make_optimizer, peer_summaries, plan_exposure,
-                    prefetch, resolve_archs, set_rng_state, student_logits, wrap_students)
+from .setup import (build_students, check_memory, dump_rank_state, export_final, export_line_ends, gather_rng,
+                    initial_omega, input_fingerprints, load_teacher, make_batches, make_optimizer, peer_summaries,
+                    plan_exposure, prefetch, resolve_archs, set_rng_state, student_logits, wrap_students)
 
 # --------------------------------------------------------------------------------------------------------------
 # The run, phase by phase
@@ -98,7 +98,7 @@ def _loop(run: "Trainer", resume: bool, stop_after: int | None) -> dict:
         step = run.step
         record = run.outer_step(stats, lr) if run.learn_omega and step % d.outer_every == 0 else {}
         if rt.is_master:  # BabyLM's milestone checkpoints RUN/chck/chck_1M ... (train.babylm_track)
-            run.exposure.write(step, run.run_dir, run.students, run.tokenizer_dir, run.averages)
+            run.exposure.write(step, run.run_dir, run.students, run.tokenizer_dir, run.averages, run.line_ends)
         if step % t.log_every == 0 or record or step == t.max_steps:
             run.log_train(stats, lr, record, bar)
         if (step % t.eval_every == 0 or step == t.max_steps) and rt.is_master:
@@ -137,7 +137,7 @@ class Trainer:
         meta = load_meta(prepared)
         vocab_size = int(meta["vocab_size"])
         self.unigram = train_unigram_entropy(prepared, meta)  # the "frequencies only" loss, next to valid loss
-        self.tokenizer_dir = prepared / "tokenizer"
+        self.tokenizer_dir, self.line_ends = prepared / "tokenizer", export_line_ends(cfg)  # line break: </s>?
         self.tokenizer_sha = check_prepared_tokenizer(prepared, meta)  # before any work, not at the export
         self.archs = resolve_archs(cfg, vocab_size)
         check_memory(cfg, self.archs, rt)  # an estimate of the peak, before anything is allocated
@@ -443,7 +443,7 @@ class Trainer:
                     tokenizer=str(self.tokenizer_dir), tokenizer_sha256=self.tokenizer_sha,
                     timings_s={k: round(v, 3) for k, v in self.timings.items()})  # export is not included
                 check_same_tokenizer(self.tokenizer_dir, self.tokenizer_sha, "the one this training started with")
-                export_final(self.run_dir, self.students, self.tokenizer_dir, summary)
+                summary.update(export_final(self.run_dir, self.students, self.tokenizer_dir, summary, self.line_ends))
         rt.barrier()
         return summary
 
