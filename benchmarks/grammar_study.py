@@ -146,6 +146,21 @@ def evaluate(name: str, out: Path, threads: int, tasks: str = TASKS, extra: tupl
     return json.loads(path.read_text()), time.perf_counter() - start
 
 
+def line_break_tasks(tasks: str, data_dir: str | None) -> str:
+    """The tasks of `tasks` the two tokenizer forms can score differently: minimal-pair sets with a line break in
+    some text (the supplement's dialogues), and every set not made of pairs. `with_line_ends` reads text without
+    one as prepared, so the other form of BLiMP-filtered would repeat ~20 minutes of evaluation to the same
+    scores."""
+    from dwml.evaluation.evaldata import TASKS as SPECS, load_task, parse_tasks
+
+    def differs(task: str) -> bool:
+        if SPECS[task].kind not in ("blimp", "supplement", "ewok"):
+            return True
+        return any("\n" in (text or "") for pair in load_task(task, data_dir)
+                   for text in (pair.good, pair.bad, pair.good_prefix, pair.bad_prefix))
+    return ",".join(t for t in parse_tasks(tasks) if differs(t))
+
+
 def live_weights(name: str, root: Path) -> Path:
     """OUT/<variant>_live/: the live weights of an averaging variant's last checkpoint (train.ema_decay > 0 exports
     the average) as a Hugging Face folder, so the average and the weights it averages, of one run, are scored on the
@@ -287,14 +302,15 @@ def main() -> int:
                     help="for the --only variants that average their weights: also write OUT/<variant>_live (the "
                          "last checkpoint's live weights) and evaluate it on --tasks (compare with --paired)")
     ap.add_argument("--line-ends", action="store_true",
-                    help="for the --only variants: also write and evaluate on --tasks the other tokenizer form of "
-                         "their weights (OUT/<variant>_lines: a line break read as </s>, or OUT/<variant>_newline; "
-                         "compare with --paired)")
+                    help="for the --only variants: also write the other tokenizer form of their weights "
+                         "(OUT/<variant>_lines: a line break read as </s>, or OUT/<variant>_newline) and evaluate it "
+                         "on the --tasks it can score differently, those with a line break (compare with --paired)")
     ap.add_argument("--paired", default="", metavar="A,B",
                     help="train nothing: the paired bootstrap of variant A minus variant B on their evaluations")
     ap.add_argument("--forms", default="", metavar="A,B,...",
                     help="train nothing: supplement dialogue-group accuracy of these variants by item form")
-    ap.add_argument("--data-dir", default=None, help="evaluation data (for --forms; default: dwml eval's)")
+    ap.add_argument("--data-dir", default=None,
+                    help="evaluation data (for --forms and --line-ends; default: dwml eval's)")
     args = ap.parse_args()
     names = [n for n, _, _ in VARIANTS]
     only = [x for x in (args.paired or args.only).split(",") if x]
@@ -339,10 +355,13 @@ def main() -> int:
         if args.live and recipe.get("train.ema_decay"):
             evaluate(f"{name}_live", live_weights(name, out_root), args.threads, args.tasks,
                      ("--reference-data", data))
-        if args.line_ends:
+        differ = line_break_tasks(args.tasks, args.data_dir) if args.line_ends else ""
+        if differ:  # the other form of the weights, on the sets it can score differently
             form = not summary.get("tokenizer_line_ends", False)
             evaluate(f"{name}_{'lines' if form else 'newline'}", tokenizer_form(name, out_root, form), args.threads,
-                     args.tasks)
+                     differ)
+        elif args.line_ends:
+            print(f"[{name}] --line-ends: no line break in {args.tasks}: the other tokenizer form scores the same")
         rows.append(row(name, what, summary, *scores_of(name, out_root)))
         print(table(rows[-1:], args.minutes), flush=True)
     text = table(rows, args.minutes)
