@@ -1,7 +1,9 @@
 """dwml.training.runtime: process set-up that the training tests do not cover."""
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
-# Minor page faults per DWML training step (3 tiny peers, 16 x 64 tokens, vocabulary 8192), after warm-up.
+# Minor page faults of each of 20 DWML training steps (3 tiny peers, 16 x 64 tokens, vocabulary 8192), after 10.
 FAULTS = f"""
 import resource, sys, tempfile
 from pathlib import Path
@@ -22,36 +24,76 @@ peers = [dict(layers=1, heads=1, hidden=h, intermediate=2 * h) for h in (32, 32,
 data = synthetic_prepared(Path(tempfile.mkdtemp()) / "d", 8192, train_tokens=200_000)
 run = make_trainer(data, "dwml", peers, batch_size=16, seq_len=64, data=dict(mask_prob=0.5))
 time_steps(run, 10, warmup=0, outer=False)  # to the heap's peak: later steps reuse it (when malloc keeps it)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-time_steps(run, 10, warmup=0, outer=False)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    time_steps(run, 1, warmup=0, outer=False)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults)
 run.close()
 """
 
+# glibc alone: a 48 MiB block (above its largest dynamic mmap threshold, 32 MiB) allocated, written and freed 5 times.
+REUSE = """
+import ctypes, resource
+from dwml.training.runtime import keep_freed_cpu_memory
+keep_freed_cpu_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(48 << 20)
+    libc.memset(p, 1, 48 << 20)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults)
+"""
 
-def _faults_per_step(keep: str) -> float:
+
+def _faults(code: str, keep: str) -> list[int]:
     # The child's environment is the one this measurement was calibrated in: without the variables that `dwml.cli`
     # sets for transformers in this process (an in-process `main()` of an earlier test), with which the child's
     # fault counts were measured to change (kept 3 -> 234-724 per step)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
     env.update(DWML_KEEP_FREED_MEMORY=keep, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _skip_without_mallopt():
+    from dwml.training.runtime import keep_freed_cpu_memory
+
+    if not keep_freed_cpu_memory():
+        pytest.skip("no glibc mallopt here")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
+def test_keeping_freed_memory_makes_glibc_reuse_a_large_block_instead_of_mapping_it_again():
+    """The mechanism, deterministic: with glibc's defaults a block above 32 MiB is a fresh mmap every time (every
+    page faulted in again); with keep_freed_cpu_memory it comes from the heap and is reused after the first time."""
+    _skip_without_mallopt()
+    default, kept = _faults(REUSE, "0"), _faults(REUSE, "1")
+    print(f"\nminor page faults per 48 MiB allocation: glibc default {default}, kept {kept}")
+    # Measured: default 12,289 every time (48 MiB / 4 KiB pages), kept 12,284 then 0 (fewer with transparent huge
+    # pages on both sides, hence a ratio)
+    assert sum(default[1:]) > 0 and 10 * sum(kept[1:]) < sum(default[1:]), (default, kept)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     """compute_init on the CPU makes glibc keep freed memory: a training step's (N, V) logits and gradients are
-    then reused instead of fresh pages faulted in every step (DWML_KEEP_FREED_MEMORY=0 is glibc's default)."""
-    from dwml.training.runtime import keep_freed_cpu_memory
-
-    if not keep_freed_cpu_memory():
-        pytest.skip("no glibc mallopt here")
-    default, kept = _faults_per_step("0"), _faults_per_step("1")
-    print(f"\nminor page faults per step: glibc default {default:.0f}, kept {kept:.0f}")
-    # Measured: default 630 (CI) to 6,663 faults, kept 3 to 353: how much glibc's own dynamic mmap threshold keeps
-    # varies by machine, so the default is only required to fault measurably and the kept heap to fault 3x less
-    assert default > 100 and kept < default / 3, (default, kept)
+    then reused, and a typical step faults no fresh pages in (DWML_KEEP_FREED_MEMORY=0 is glibc's default)."""
+    _skip_without_mallopt()
+    default, kept = _faults(FAULTS, "0"), _faults(FAULTS, "1")
+    print(f"\nminor page faults per step: glibc default {default}, kept {kept}")
+    # Measured over 20 steps, 10 runs: kept, a median of 2-3 per step; 0-4 steps of 20 fault 0.2-7.7 thousand pages
+    # (a larger block that no freed one fits: the heap grows), so a mean over steps is noisy (CI once: 1,325). The
+    # default varies with glibc's dynamic mmap threshold (medians 2 to 9,400 per step), so only the kept side is
+    # bounded here; the mechanism is the test above.
+    assert statistics.median(kept) < 100, (default, kept)
 
 
 def test_cpu_bf16_attention_runs_the_math_backend_and_trains_the_same_function(monkeypatch):
