@@ -151,10 +151,11 @@ def line_break_tasks(tasks: str, data_dir: str | None) -> str:
     some text (the supplement's dialogues), and every set not made of pairs. `with_line_ends` reads text without
     one as prepared, so the other form of BLiMP-filtered would repeat ~20 minutes of evaluation to the same
     scores."""
-    from dwml.evaluation.evaldata import TASKS as SPECS, load_task, parse_tasks
+    from dwml.evaluation.babylm_data import is_babylm_task
+    from dwml.evaluation.evaldata import load_task, parse_tasks
 
     def differs(task: str) -> bool:
-        if SPECS[task].kind not in ("blimp", "supplement", "ewok"):
+        if is_babylm_task(task):
             return True
         return any("\n" in (text or "") for pair in load_task(task, data_dir)
                    for text in (pair.good, pair.bad, pair.good_prefix, pair.bad_prefix))
@@ -309,8 +310,7 @@ def main() -> int:
                     help="train nothing: the paired bootstrap of variant A minus variant B on their evaluations")
     ap.add_argument("--forms", default="", metavar="A,B,...",
                     help="train nothing: supplement dialogue-group accuracy of these variants by item form")
-    ap.add_argument("--data-dir", default=None,
-                    help="evaluation data (for --forms and --line-ends; default: dwml eval's)")
+    ap.add_argument("--data-dir", default=None, help="evaluation data (for --forms; default: dwml eval's)")
     args = ap.parse_args()
     names = [n for n, _, _ in VARIANTS]
     only = [x for x in (args.paired or args.only).split(",") if x]
@@ -336,6 +336,8 @@ def main() -> int:
         return 0
     out_root = Path(args.out)
     rows = []
+    # the sets the other tokenizer form can score differently, in the data `dwml eval` below reads (its default)
+    differ = line_break_tasks(args.tasks, None) if args.line_ends else ""
     for name, what, overrides in VARIANTS:
         if only and name not in only:
             if (out_root / name / "final" / "summary.json").is_file():  # done earlier: its row, nothing rerun
@@ -355,7 +357,6 @@ def main() -> int:
         if args.live and recipe.get("train.ema_decay"):
             evaluate(f"{name}_live", live_weights(name, out_root), args.threads, args.tasks,
                      ("--reference-data", data))
-        differ = line_break_tasks(args.tasks, args.data_dir) if args.line_ends else ""
         if differ:  # the other form of the weights, on the sets it can score differently
             form = not summary.get("tokenizer_line_ends", False)
             evaluate(f"{name}_{'lines' if form else 'newline'}", tokenizer_form(name, out_root, form), args.threads,
